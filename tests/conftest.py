@@ -1,0 +1,33 @@
+"""Test set-up: Triton's CPU interpreter where there is no GPU, and torch.empty poisoned with NaN.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here and not inside a test.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poisoned(tensor):
+    if tensor.is_floating_point():
+        tensor.fill_(float("nan"))
+    return tensor
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """An output a kernel forgets to write stays NaN instead of holding plausible leftovers."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: _poisoned(_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _poisoned(_empty_like(*a, **kw)))
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
