@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import nsa
 from nsa import SparsityConfig, reference
 from tests.inputs import knobs, make_inputs
-from tests.naive import naive_nsa
+from nsa.naive import naive_nsa
 
 SMALL = SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
 

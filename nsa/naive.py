@@ -1,4 +1,5 @@
-"""SPEC.md spelled out one query, one head at a time: slow on purpose, independent of nsa.reference."""
+"""SPEC.md spelled out one query, one head at a time: slow on purpose and independent of nsa.reference,
+so that the two can check each other (the tests and `nsa demo` do)."""
 
 import math
 
