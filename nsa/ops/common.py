@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from ..config import SparsityConfig
 
@@ -63,3 +64,84 @@ def query_tiles(packed: Packed, block: int) -> torch.Tensor:
     starts = packed.cu_seqlens.tolist()
     rows = [(s, p) for s in range(packed.num_seqs) for p in range(0, starts[s + 1] - starts[s], block)]
     return torch.tensor(rows, dtype=torch.int32, device=packed.cu_seqlens.device).view(-1, 2)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: float32 inputs multiply in full precision so that they meet the tolerance
+    rule against a true-float32 reference; half types run on tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def padded_dim(dim: int) -> int:
+    """The tile width of a head dimension: a power of two (tl.arange) and at least 16 (tl.dot); 192 -> 256."""
+    if dim % 16 or not 16 <= dim <= 256:
+        raise ValueError(f"head dimensions must be multiples of 16 between 16 and 256, got {dim}")
+    return triton.next_power_of_2(dim)
+
+
+# The kernels run the softmax in base 2 (exp2 is one instruction) and keep lse in base e.
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """One key tile of an online softmax (FlashAttention) in base 2.
+
+    q [M, DK], k [N, DK], v [N, DV] tiles; visible [M, N]; acc [M, DV], m_i [M], l_i [M] float32;
+    qk_scale = scale * log2(e). Returns the updated (acc, m_i, l_i).
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key keeps m = -inf: shift it by 0 so that no inf - inf turns into NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def softmax_finish(acc, m_i, l_i):
+    """(o [M, DV], lse [M]) of an online softmax; a row with no visible key gets o = 0 and lse = +inf, so
+    that the backward's exp(s - lse) is 0 there (FlashAttention's convention)."""
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return o, lse
+
+
+@triton.jit
+def softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """Probabilities p and score gradients dz of one key tile, z = scale * q.k (FlashAttention-2).
+
+    q [M, DK], do [M, DV], lse2 [M] = lse * log2(e), delta [M] = rowsum(do * o), k [N, DK], v [N, DV].
+    Returns p, dz [M, N] float32; then dq = scale * dz k, dk = scale * dz^T q, dv = p^T do.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, rows, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (d < D)[None, :]
+    offs = r.to(tl.int64)[:, None] * D + d[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < rows)
+
+
+def attention_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta [N_tok, H] float32 = rowsum(do * o) of o, do [N_tok, H, DV]: the softmax backward's correction,
+    computed without a float32 copy of o and do."""
+    o, do = o.contiguous(), do.contiguous()
+    rows = o.shape[0] * o.shape[1]
+    delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device)
+    BLOCK_R = 16
+    _delta_kernel[(triton.cdiv(rows, BLOCK_R),)](o, do, delta, rows, o.shape[2], BLOCK_R, padded_dim(o.shape[2]))
+    return delta

@@ -1,0 +1,66 @@
+"""Sliding-window kernels (nsa/ops/window.py) against the float64 reference under the band mask of SPEC 6."""
+
+import math
+
+import pytest
+import torch
+
+from nsa.ops.window import win_bwd, win_fwd
+from tests.ops.attention_cases import check_against_reference, packed_inputs
+
+
+def band(window):
+    def allowed_of(seq, s0, L):
+        t = torch.arange(L)
+        visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+        return visible[:, None, :].expand(L, 1, L)
+    return allowed_of
+
+
+def run(lengths, HQ, HKV, DK, DV, window, dtype, device="cpu"):
+    q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device)
+    scale = 1 / math.sqrt(DK)
+    o, lse = win_fwd(q, k, v, packed, window, scale)
+    dq, dk, dv = win_bwd(do, q, k, v, o, lse, packed, window, scale)
+    allowed = band(window)
+
+    def allowed_of(seq, s0, L):
+        return allowed(seq, s0, L).expand(L, HKV, L)
+
+    check_against_reference((o, lse, dq, dk, dv), q, k, v, do, lengths, allowed_of, scale)
+    return q, k, v, do, packed, (o, lse, dq, dk, dv)
+
+
+@pytest.mark.parametrize(
+    "lengths, HQ, HKV, DK, DV, window, dtype",
+    [
+        ([157], 2, 1, 32, 16, 40, torch.float32),         # odd T, window < T spanning tile edges, G = 2, DK != DV
+        ([150], 3, 1, 16, 32, 300, torch.float16),        # window > T: plain causal, G = 3
+        ([93, 93], 4, 4, 16, 16, 17, torch.float16),      # batch 2 as packed, G = 1, window not a multiple of the tile
+        ([70, 5, 131], 8, 1, 48, 16, 64, torch.float32),  # varlen, G = 8, DK padded to 64
+        ([100], 16, 1, 16, 16, 1, torch.float32),         # G = 16, window of 1: each query sees itself only
+        ([66], 4, 1, 16, 32, 33, torch.float16),          # G = 4
+    ],
+)
+def test_window_matches_reference(lengths, HQ, HKV, DK, DV, window, dtype):
+    run(lengths, HQ, HKV, DK, DV, window, dtype)
+
+
+def test_window_backward_is_deterministic():
+    q, k, v, do, packed, (o, lse, *grads) = run([120, 37], 4, 2, 32, 16, 50, torch.float32)
+    again = win_bwd(do, q, k, v, o, lse, packed, 50, 1 / math.sqrt(32))
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+
+
+def test_window_refuses_bad_window():
+    q, k, v, do, packed = packed_inputs([8], 2, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="window"):
+        win_fwd(q, k, v, packed, 0, 0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-scale shapes and bfloat16 need CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths, HQ, HKV, DK, DV", [([4096], 16, 1, 192, 128), ([1000, 3001], 32, 8, 128, 128)])
+def test_window_gpu_scale(lengths, HQ, HKV, DK, DV, dtype):
+    run(lengths, HQ, HKV, DK, DV, 512, dtype, device="cuda")
