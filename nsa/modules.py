@@ -1,0 +1,272 @@
+"""NativeSparseAttention: the drop-in replacement of self-attention (paper Section 3.3).
+
+The module owns everything around the functional core nsa.nsa_attention: the query projection, independent
+key/value projections for the three branches, phi (the learned compression of Eq. 7), the gate MLP, rotary
+position embedding and the output projection. It needs only torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import decode_attention
+from .config import SparsityConfig
+from .functional import check_cu_seqlens, nsa_attention
+from .reference import stat_dtype
+
+# sigmoid(-ln 2) = 1/3: the three gates start summing to one, so the gated output starts as an average of three
+# attention outputs and keeps the scale of a dense attention layer.
+GATE_BIAS = -math.log(2.0)
+BRANCHES = ("cmp", "slc", "win")
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.dtype = torch.float32):
+    """cos, sin [B, N, 1, dim] for positions [B, N] (the rotate-half layout of Llama's RoPE).
+
+    dtype is float32, or float64 for the float64 oracle. Computed from the positions on every call: there is no
+    buffer to lose when a model is built on the meta device.
+    """
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=position_ids.device, dtype=dtype) / dim)
+    angles = position_ids.to(dtype)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, N, H, D] by the phases cos, sin [B, N, 1, D]; arithmetic in cos's dtype, x's dtype out."""
+    xs = x.to(cos.dtype)
+    x1, x2 = xs.chunk(2, dim=-1)
+    return (xs * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def cmp_block_starts(seqlen: int, cfg: SparsityConfig, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[Tc] int64: the first token of each compression block (SPEC 1), packed per sequence with cu_seqlens.
+
+    Blocks never straddle two packed sequences: each sequence's blocks start at its own offset.
+    """
+    if cu_seqlens is None:
+        return torch.arange(cfg.num_cmp(seqlen), device=device) * cfg.cmp_stride
+    bounds = cu_seqlens.tolist()
+    return torch.cat([
+        s0 + torch.arange(cfg.num_cmp(s1 - s0), device=device, dtype=torch.long) * cfg.cmp_stride
+        for s0, s1 in zip(bounds[:-1], bounds[1:])
+    ])
+
+
+def default_position_ids(batch: int, seqlen: int, offset: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, T] positions: offset, offset + 1, ..., restarting at 0 at every packed sequence of cu_seqlens."""
+    pos = torch.arange(offset, offset + seqlen, device=device)
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        pos = pos - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return pos[None].expand(batch, seqlen)
+
+
+class Compressor(nn.Module):
+    """phi of paper Eq. 7: a learned MLP that maps a block of l consecutive keys (or values) to one token.
+
+    Each block gets a learned intra-block position encoding added before the MLP, so phi knows where in the
+    block each key sits. The MLP reads the whole block flattened (l * D -> hidden -> D); its output is added to the
+    mean of the encoded block, which keeps a compressed token on the scale of a raw key at initialisation while the
+    MLP learns what to keep. Shared by the KV heads of a layer. All blocks go through one gather and one batched
+    matmul; there is no loop over blocks.
+
+    Args:
+        block: l, the number of tokens per block.
+        dim: D, the per-head dimension of what is compressed.
+        hidden: the width of the MLP (default D).
+    """
+
+    def __init__(self, block: int, dim: int, hidden: int | None = None):
+        super().__init__()
+        self.block = block
+        self.pos = nn.Parameter(torch.zeros(block, dim))
+        self.fc1 = nn.Linear(block * dim, hidden or dim)
+        self.fc2 = nn.Linear(hidden or dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos, std=0.02)
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D], starts [Nc] (first token of each block) -> [B, Nc, H, D]."""
+        B, _, H, D = x.shape
+        offsets = torch.arange(self.block, device=x.device)
+        blocks = x[:, starts[:, None] + offsets] + self.pos[:, None].to(x.dtype)  # [B, Nc, l, H, D]
+        flat = blocks.transpose(2, 3).reshape(B, -1, H, self.block * D)
+        return blocks.mean(dim=2) + self.fc2(F.silu(self.fc1(flat)))
+
+
+class Gate(nn.Module):
+    """The branch gates of paper Eq. 5: an MLP on the input features and a sigmoid, three per query head.
+
+    Args:
+        hidden_size: the width of the input features.
+        num_heads: HQ.
+        hidden: the width of the MLP (default max(hidden_size // 8, 3 * HQ)).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(hidden_size // 8, 3 * num_heads)
+        self.fc1 = nn.Linear(hidden_size, hidden)
+        self.fc2 = nn.Linear(hidden, 3 * num_heads)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        # Small but nonzero weights: the gates start near 1/3 each, yet fc1 receives gradient from the first step.
+        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.constant_(self.fc2.bias, GATE_BIAS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden_size] -> gates [B, T, HQ, 3] (cmp, slc, win) in (0, 1)."""
+        return torch.sigmoid(self.fc2(F.silu(self.fc1(x)))).unflatten(-1, (-1, 3))
+
+
+class NativeSparseAttention(nn.Module):
+    """Native Sparse Attention (arXiv 2502.11089, Section 3.3) in place of causal self-attention.
+
+    Per token: a query q = W_q x shared by the three branches; keys and values from independent projections for
+    the compressed, selected and window branches (share_win_kv lets the window branch reuse the selected
+    branch's, saving a projection and the window cache); gates from a small MLP and a sigmoid. The compressed
+    branch's keys and values are compressed by phi (Compressor) over blocks of l tokens with stride d.
+
+    Rotary position embedding (Llama's rotate-half, base rope_theta):
+        - q and the selected and window keys are rotated at their token positions: those branches attend
+          individual tokens.
+        - phi reads the compressed branch's keys before rotation (it has its own intra-block position encoding),
+          and the compressed key of block [i*d, i*d + l) is then rotated at the position of the block's last
+          token, the newest one it summarizes. A query then scores a compressed token by its distance from the
+          end of the block (never negative, since a query only sees complete blocks), keeping the score
+          invariant to a shift of all positions, as in the other two branches. Values are never rotated.
+
+    Args:
+        hidden_size: width of the input and output features.
+        num_heads: HQ, the number of query heads.
+        num_kv_heads: HKV (default HQ); any divisor of HQ (GQA).
+        head_dim: DK (default hidden_size // HQ), even (RoPE rotates pairs).
+        v_head_dim: DV (default DK).
+        sparsity: the knobs of SPEC.md (default: the paper's).
+        share_win_kv: the window branch uses the selected branch's keys and values.
+        rope_theta: the RoPE base.
+        bias: biases in the q/k/v/o projections.
+        layer_idx: this layer's slot in an NSACache.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 v_head_dim: int | None = None, sparsity: SparsityConfig | None = None, share_win_kv: bool = False,
+                 rope_theta: float = 10000.0, bias: bool = False, layer_idx: int = 0):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or hidden_size // num_heads
+        v_head_dim = v_head_dim or head_dim
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of features), got {head_dim}")
+        if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+            raise TypeError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
+        self.hidden_size = hidden_size
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.v_head_dim = head_dim, v_head_dim
+        self.sparsity = sparsity or SparsityConfig()
+        self.share_win_kv = share_win_kv
+        self.rope_theta = rope_theta
+        self.layer_idx = layer_idx
+        self.kv_branches = BRANCHES[:2] if share_win_kv else BRANCHES
+
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        # One matmul for the keys and values of all branches: [k_cmp, v_cmp, k_slc, v_slc(, k_win, v_win)].
+        self.kv_proj = nn.Linear(hidden_size, len(self.kv_branches) * num_kv_heads * (head_dim + v_head_dim), bias=bias)
+        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self.k_phi = Compressor(self.sparsity.cmp_block, head_dim)
+        self.v_phi = Compressor(self.sparsity.cmp_block, v_head_dim)
+        self.gate = Gate(hidden_size, num_heads)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        return rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, stat_dtype(dtype))
+
+    def project(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-token inputs of the attention core.
+
+        Args:
+            hidden_states: [B, T, hidden_size].
+            position_ids: [B, T].
+        Returns:
+            q [B, T, HQ, DK] (rotated); k_<branch> [B, T, HKV, DK] and v_<branch> [B, T, HKV, DV] for the
+            branches cmp, slc (and win unless shared), k_slc and k_win rotated, k_cmp not (phi reads it raw);
+            gates [B, T, HQ, 3].
+        """
+        B, T, _ = hidden_states.shape
+        H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
+        cos, sin = self.rotary(position_ids, hidden_states.dtype)
+        out = {"q": apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, DK), cos, sin)}
+        kv = self.kv_proj(hidden_states).split([H * DK, H * DV] * len(self.kv_branches), dim=-1)
+        for i, branch in enumerate(self.kv_branches):
+            k = kv[2 * i].view(B, T, H, DK)
+            out[f"k_{branch}"] = k if branch == "cmp" else apply_rotary(k, cos, sin)
+            out[f"v_{branch}"] = kv[2 * i + 1].view(B, T, H, DV)
+        out["gates"] = self.gate(hidden_states)
+        return out
+
+    def compress(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, starts: torch.Tensor):
+        """phi over the blocks starting at `starts` [Nc] of k [B, T, HKV, DK], v [B, T, HKV, DV] (unrotated).
+
+        Returns k_cmp [B, Nc, HKV, DK], rotated at the position_ids [B, T] of each block's last token, and
+        v_cmp [B, Nc, HKV, DV].
+        """
+        cos, sin = self.rotary(position_ids[:, starts + self.sparsity.cmp_block - 1], k.dtype)
+        return apply_rotary(self.k_phi(k, starts), cos, sin), self.v_phi(v, starts)
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal NSA self-attention.
+
+        Args:
+            hidden_states: [B, T, hidden_size].
+            position_ids: [B, T] token positions for RoPE (default: 0..T-1 after what the cache holds, restarting
+                at every sequence of cu_seqlens).
+            cache: an NSACache; this layer's slot (layer_idx) is extended by the T tokens, and their outputs are
+                those the training path gives them after the cached prefix (SPEC.md, Decoding).
+            cu_seqlens: int32 [N+1] offsets of sequences packed along T (B must be 1), each attended as if alone.
+        Returns:
+            [B, T, hidden_size].
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens cannot be combined with a cache: decode one batch of sequences at a time")
+            check_cu_seqlens(cu_seqlens, B, T, hidden_states.device)
+        past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, past, cu_seqlens, hidden_states.device)
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids must have shape [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
+        x = self.project(hidden_states, position_ids)
+        k_win, v_win = (x["k_slc"], x["v_slc"]) if self.share_win_kv else (x["k_win"], x["v_win"])
+        if cache is None:
+            starts = cmp_block_starts(T, self.sparsity, cu_seqlens, hidden_states.device)
+            k_cmp, v_cmp = self.compress(x["k_cmp"], x["v_cmp"], position_ids, starts)
+            o = nsa_attention(x["q"], x["k_slc"], x["v_slc"], k_cmp, v_cmp, x["gates"], k_win=k_win, v_win=v_win,
+                              config=self.sparsity, cu_seqlens=cu_seqlens)
+        else:
+            state = cache.update(self.layer_idx, x["k_slc"], x["v_slc"], k_win=None if self.share_win_kv else k_win,
+                                 v_win=None if self.share_win_kv else v_win, k_cmp_raw=x["k_cmp"],
+                                 v_cmp_raw=x["v_cmp"], position_ids=position_ids, compress=self.compress,
+                                 sparsity=self.sparsity)
+            if past == 0:
+                # A prefill is the training path over the prompt: the fast kernels serve it.
+                o = nsa_attention(x["q"], state.k, state.v, state.k_cmp, state.v_cmp, x["gates"], k_win=k_win,
+                                  v_win=v_win, config=self.sparsity)
+            else:
+                o = decode_attention(x["q"], x["gates"], state, self.sparsity)
+        return self.o_proj(o.reshape(B, T, -1))
