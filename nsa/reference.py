@@ -58,17 +58,18 @@ def block_scores(p_cmp: torch.Tensor, seqlen: int, cfg: SparsityConfig) -> torch
     return P @ overlap_weights(P.shape[-1], cfg.num_slc(seqlen), cfg, P.dtype, P.device)
 
 
-def select_blocks(scores: torch.Tensor, cfg: SparsityConfig) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, cfg: SparsityConfig, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Top-n selection of SPEC 4.
 
     Args:
-        scores: [B, T, HKV, Ns] block importance S.
+        scores: [B, R, HKV, Ns] block importance S of R queries.
+        positions: [R] the queries' positions (default 0 .. R-1).
     Returns:
-        idx [B, T, HKV, n] int32: the selected blocks of each query in ascending order, -1 after the last.
+        idx [B, R, HKV, n] int32: the selected blocks of each query in ascending order, -1 after the last.
     """
-    B, T, H, Ns = scores.shape
+    B, R, H, Ns = scores.shape
     n = cfg.num_selected
-    t = torch.arange(T, device=scores.device)[:, None]
+    t = (torch.arange(R, device=scores.device) if positions is None else positions)[:, None]
     j = torch.arange(Ns, device=scores.device)[None, :]
     candidate = j * cfg.slc_block <= t
     jt = t // cfg.slc_block
@@ -80,7 +81,7 @@ def select_blocks(scores: torch.Tensor, cfg: SparsityConfig) -> torch.Tensor:
     idx = chosen.sort(dim=-1).values
     idx = torch.where(idx == Ns, -1, idx).to(torch.int32)
     if idx.shape[-1] < n:
-        idx = torch.cat([idx, idx.new_full((B, T, H, n - idx.shape[-1]), -1)], dim=-1)
+        idx = torch.cat([idx, idx.new_full((B, R, H, n - idx.shape[-1]), -1)], dim=-1)
     return idx
 
 
@@ -91,41 +92,50 @@ def selection_mask(idx: torch.Tensor, num_slc: int) -> torch.Tensor:
     return mask[..., :num_slc]
 
 
-def nsa_forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, scale: float, block_indices=None):
+def nsa_forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, scale: float, block_indices=None,
+                rows=None):
     """NSA on one batch of equal-length sequences (no cu_seqlens); shapes as in nsa.nsa_attention.
 
     block_indices [B, T, HKV, n] replaces SPEC 4's selection when given (tests compare kernels under one
-    selection where scores tie). Returns (o, idx).
+    selection where scores tie). rows, an int64 tensor [R] of query positions, computes only those queries
+    (a check of a long sequence on a sample); block_indices and the outputs then hold R rows.
+    Returns (o, idx).
     """
     B, T, HQ, DK = q.shape
     HKV = k.shape[2]
     G = HQ // HKV
     Tc = k_cmp.shape[1]
     Ns = cfg.num_slc(T)
-    qg = q.view(B, T, HKV, G, DK)
     pos = torch.arange(T, device=q.device)
+    qpos = pos if rows is None else rows.to(q.device)
+    R = qpos.numel()
+    qg = q[:, qpos].view(B, R, HKV, G, DK)
     # SPEC 2: compressed token i is visible to t once its block [i*d, i*d + l) is complete.
-    cmp_visible = (torch.arange(Tc, device=q.device) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= pos[:, None] + 1
-    o_cmp, p_cmp = masked_attention(qg, k_cmp, v_cmp, cmp_visible[None, :, None].expand(B, T, HKV, Tc), scale)
+    cmp_visible = (torch.arange(Tc, device=q.device) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= qpos[:, None] + 1
+    o_cmp, p_cmp = masked_attention(qg, k_cmp, v_cmp, cmp_visible[None, :, None].expand(B, R, HKV, Tc), scale)
     if block_indices is None:
-        idx = select_blocks(block_scores(p_cmp.detach(), T, cfg), cfg)
+        idx = select_blocks(block_scores(p_cmp.detach(), T, cfg), cfg, qpos)
     else:
         idx = block_indices.to(torch.int32)
-    selected = selection_mask(idx, Ns).repeat_interleave(cfg.slc_block, dim=-1)[..., :T]
+    selected = selection_mask(idx, Ns)
 
     o_slc, o_win = [], []
-    for c0 in range(0, T, CHUNK):
-        c1 = min(c0 + CHUNK, T)
-        rows = pos[c0:c1, None]
-        causal = pos[None, :c1] <= rows
-        o_slc.append(masked_attention(qg[:, c0:c1], k[:, :c1], v[:, :c1], selected[:, c0:c1, :, :c1] & causal[None, :, None], scale)[0])
-        w0 = max(0, c0 - cfg.window + 1)
-        band = (pos[None, w0:c1] <= rows) & (pos[None, w0:c1] > rows - cfg.window)
-        o_win.append(masked_attention(qg[:, c0:c1], k_win[:, w0:c1], v_win[:, w0:c1], band[None, :, None].expand(B, -1, HKV, -1), scale)[0])
+    for c0 in range(0, R, CHUNK):
+        rows_c = qpos[c0 : c0 + CHUNK, None]
+        first, last = int(rows_c.min()), int(rows_c.max()) + 1
+        keys = pos[None, :last]
+        allowed = selected[:, c0 : c0 + CHUNK].repeat_interleave(cfg.slc_block, dim=-1)[..., :last]
+        allowed = allowed & (keys <= rows_c)[None, :, None]
+        o_slc.append(masked_attention(qg[:, c0 : c0 + CHUNK], k[:, :last], v[:, :last], allowed, scale)[0])
+        w0 = max(0, first - cfg.window + 1)
+        keys = pos[None, w0:last]
+        band = (keys <= rows_c) & (keys > rows_c - cfg.window)
+        o_win.append(masked_attention(qg[:, c0 : c0 + CHUNK], k_win[:, w0:last], v_win[:, w0:last],
+                                      band[None, :, None].expand(B, -1, HKV, -1), scale)[0])
     branches = torch.stack([o_cmp, torch.cat(o_slc, dim=1), torch.cat(o_win, dim=1)], dim=-1)
-    g = gates.view(B, T, HKV, G, 1, 3)
+    g = gates[:, qpos].view(B, R, HKV, G, 1, 3)
     o = (branches.to(stat_dtype(q.dtype)) * g.to(stat_dtype(q.dtype))).sum(-1)
-    return o.reshape(B, T, HQ, -1).to(q.dtype), idx
+    return o.reshape(B, R, HQ, -1).to(q.dtype), idx
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, scale: float, cu_seqlens=None, block_indices=None):

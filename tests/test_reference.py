@@ -147,3 +147,13 @@ def test_reference_is_usable_at_4k_tokens():
     o = nsa.nsa_attention(**args, backend="reference")
     o.sum().backward()
     assert torch.isfinite(o).all() and torch.isfinite(args["q"].grad).all()
+
+
+def test_sampled_rows_equal_the_full_run():
+    """reference.nsa_forward(rows=...) computes a sample of queries exactly as the full run does (long-T checks)."""
+    names = ("q", "k", "v", "k_cmp", "v_cmp", "gates", "k_win", "v_win")
+    args = make_inputs(2, 300, 4, 2, 8, 8, SMALL)
+    o, idx = reference.nsa_forward(*(args[n] for n in names), SMALL, 0.3)
+    rows = torch.tensor([0, 5, 77, 299, 150, 151])
+    o_rows, idx_rows = reference.nsa_forward(*(args[n] for n in names), SMALL, 0.3, rows=rows)
+    assert torch.equal(o[:, rows], o_rows) and torch.equal(idx[:, rows], idx_rows)
