@@ -3,7 +3,7 @@
 from .cache import NSACache
 from .config import SparsityConfig
 from .functional import nsa_attention
-from .modules import NativeSparseAttention
+from .modules import DenseAttention, NativeSparseAttention
 
-__all__ = ["NSACache", "NativeSparseAttention", "SparsityConfig", "nsa_attention"]
+__all__ = ["DenseAttention", "NSACache", "NativeSparseAttention", "SparsityConfig", "nsa_attention"]
 __version__ = "0.1.0"

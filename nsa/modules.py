@@ -66,6 +66,43 @@ def default_position_ids(batch: int, seqlen: int, offset: int, cu_seqlens: torch
     return pos[None].expand(batch, seqlen)
 
 
+def _init_heads(module: nn.Module, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim, rope_theta, bias,
+                layer_idx, kv_sets: int) -> None:
+    """The head geometry and the q, kv and o projections that sparse and dense attention share (kv_sets K/V pairs)."""
+    num_kv_heads = num_kv_heads or num_heads
+    head_dim = head_dim or hidden_size // num_heads
+    v_head_dim = v_head_dim or head_dim
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates pairs of features), got {head_dim}")
+    module.hidden_size = hidden_size
+    module.num_heads, module.num_kv_heads = num_heads, num_kv_heads
+    module.head_dim, module.v_head_dim = head_dim, v_head_dim
+    module.rope_theta = rope_theta
+    module.layer_idx = layer_idx
+    module.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+    module.kv_proj = nn.Linear(hidden_size, kv_sets * num_kv_heads * (head_dim + v_head_dim), bias=bias)
+    module.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+
+
+def _check_call(module: nn.Module, hidden_states, position_ids, cache, cu_seqlens) -> torch.Tensor:
+    """Validate a forward call of sparse or dense attention; return position_ids [B, T] (defaults filled in)."""
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != module.hidden_size:
+        raise ValueError(f"hidden_states must have shape [B, T, {module.hidden_size}], got {tuple(hidden_states.shape)}")
+    B, T, _ = hidden_states.shape
+    if cu_seqlens is not None:
+        if cache is not None:
+            raise ValueError("cu_seqlens cannot be combined with a cache: decode one batch of sequences at a time")
+        check_cu_seqlens(cu_seqlens, B, T, hidden_states.device)
+    if position_ids is None:
+        past = 0 if cache is None else cache.get_seq_length(module.layer_idx)
+        return default_position_ids(B, T, past, cu_seqlens, hidden_states.device)
+    if tuple(position_ids.shape) != (B, T):
+        raise ValueError(f"position_ids must have shape [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
+    return position_ids
+
+
 class Compressor(nn.Module):
     """phi of paper Eq. 7: a learned MLP that maps a block of l consecutive keys (or values) to one token.
 
@@ -106,6 +143,9 @@ class Compressor(nn.Module):
 class Gate(nn.Module):
     """The branch gates of paper Eq. 5: an MLP on the input features and a sigmoid, three per query head.
 
+    The output bias is a parameter of its own (not the Linear's) so that a model's weight initialisation, which
+    zeroes Linear biases, cannot undo its start at GATE_BIAS.
+
     Args:
         hidden_size: the width of the input features.
         num_heads: HQ.
@@ -116,18 +156,19 @@ class Gate(nn.Module):
         super().__init__()
         hidden = hidden or max(hidden_size // 8, 3 * num_heads)
         self.fc1 = nn.Linear(hidden_size, hidden)
-        self.fc2 = nn.Linear(hidden, 3 * num_heads)
+        self.fc2 = nn.Linear(hidden, 3 * num_heads, bias=False)
+        self.bias = nn.Parameter(torch.zeros(3 * num_heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
         # Small but nonzero weights: the gates start near 1/3 each, yet fc1 receives gradient from the first step.
         nn.init.normal_(self.fc2.weight, std=0.02)
-        nn.init.constant_(self.fc2.bias, GATE_BIAS)
+        nn.init.constant_(self.bias, GATE_BIAS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden_size] -> gates [B, T, HQ, 3] (cmp, slc, win) in (0, 1)."""
-        return torch.sigmoid(self.fc2(F.silu(self.fc1(x)))).unflatten(-1, (-1, 3))
+        return torch.sigmoid(self.fc2(F.silu(self.fc1(x))) + self.bias).unflatten(-1, (-1, 3))
 
 
 class NativeSparseAttention(nn.Module):
@@ -164,28 +205,14 @@ class NativeSparseAttention(nn.Module):
                  v_head_dim: int | None = None, sparsity: SparsityConfig | None = None, share_win_kv: bool = False,
                  rope_theta: float = 10000.0, bias: bool = False, layer_idx: int = 0):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        head_dim = head_dim or hidden_size // num_heads
-        v_head_dim = v_head_dim or head_dim
-        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs of features), got {head_dim}")
         if sparsity is not None and not isinstance(sparsity, SparsityConfig):
             raise TypeError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
-        self.hidden_size = hidden_size
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.sparsity = sparsity or SparsityConfig()
         self.share_win_kv = share_win_kv
-        self.rope_theta = rope_theta
-        self.layer_idx = layer_idx
         self.kv_branches = BRANCHES[:2] if share_win_kv else BRANCHES
-
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         # One matmul for the keys and values of all branches: [k_cmp, v_cmp, k_slc, v_slc(, k_win, v_win)].
-        self.kv_proj = nn.Linear(hidden_size, len(self.kv_branches) * num_kv_heads * (head_dim + v_head_dim), bias=bias)
-        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        _init_heads(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim, rope_theta, bias, layer_idx,
+                    len(self.kv_branches))
         self.k_phi = Compressor(self.sparsity.cmp_block, head_dim)
         self.v_phi = Compressor(self.sparsity.cmp_block, v_head_dim)
         self.gate = Gate(hidden_size, num_heads)
@@ -239,18 +266,9 @@ class NativeSparseAttention(nn.Module):
         Returns:
             [B, T, hidden_size].
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
-        if cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError("cu_seqlens cannot be combined with a cache: decode one batch of sequences at a time")
-            check_cu_seqlens(cu_seqlens, B, T, hidden_states.device)
+        position_ids = _check_call(self, hidden_states, position_ids, cache, cu_seqlens)
         past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
-        if position_ids is None:
-            position_ids = default_position_ids(B, T, past, cu_seqlens, hidden_states.device)
-        elif tuple(position_ids.shape) != (B, T):
-            raise ValueError(f"position_ids must have shape [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
         x = self.project(hidden_states, position_ids)
         k_win, v_win = (x["k_slc"], x["v_slc"]) if self.share_win_kv else (x["k_win"], x["v_win"])
         if cache is None:
@@ -270,3 +288,45 @@ class NativeSparseAttention(nn.Module):
             else:
                 o = decode_attention(x["q"], x["gates"], state, self.sparsity)
         return self.o_proj(o.reshape(B, T, -1))
+
+
+class DenseAttention(nn.Module):
+    """Full causal attention (SDPA) with NativeSparseAttention's query, key/value, RoPE and output projections.
+
+    The dense baseline on equal terms: its one K/V pair plays the selected branch's part (same shapes, same
+    rotation), and it reads and fills an NSACache the same way (keys and values only). Arguments as in
+    NativeSparseAttention, without the sparsity ones.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 v_head_dim: int | None = None, rope_theta: float = 10000.0, bias: bool = False, layer_idx: int = 0):
+        super().__init__()
+        _init_heads(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim, rope_theta, bias, layer_idx, 1)
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, hidden_size] -> [B, T, hidden_size]; arguments as in NativeSparseAttention.forward."""
+        B, T, _ = hidden_states.shape
+        position_ids = _check_call(self, hidden_states, position_ids, cache, cu_seqlens)
+        H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
+        cos, sin = rotary_cos_sin(position_ids, DK, self.rope_theta, stat_dtype(hidden_states.dtype))
+        q = apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, DK), cos, sin)
+        k, v = self.kv_proj(hidden_states).split([H * DK, H * DV], dim=-1)
+        k, v = apply_rotary(k.view(B, T, H, DK), cos, sin), v.view(B, T, H, DV)
+        past = 0
+        if cache is not None:
+            state = cache.update(self.layer_idx, k, v)
+            k, v, past = state.k, state.v, state.past
+        allowed = None
+        if past or cu_seqlens is not None:
+            # Key s is visible to query t (sequence index past + t) iff s <= past + t, and with cu_seqlens only
+            # within the query's own sequence. Without either, is_causal keeps SDPA on its fused kernels.
+            s, t = torch.arange(k.shape[1], device=q.device), torch.arange(past, past + T, device=q.device)
+            allowed = s[None, :] <= t[:, None]
+            if cu_seqlens is not None:
+                seq = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=q.device),
+                                              (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+                allowed = allowed & (seq[None, :] == seq[:, None])
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+                                           is_causal=allowed is None, enable_gqa=H != self.num_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import nsa
-from nsa.modules import Compressor, NativeSparseAttention, apply_rotary, rotary_cos_sin
+from nsa.modules import Compressor, DenseAttention, NativeSparseAttention, apply_rotary, rotary_cos_sin
 
 SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
 
@@ -56,7 +56,7 @@ def by_hand(m: NativeSparseAttention, x, pos):
     starts = torch.arange(m.sparsity.num_cmp(T)) * m.sparsity.cmp_stride
     kc = rotate_pairs(phi_by_loop(m.k_phi, k_cmp, starts), pos[:, starts + l - 1][..., None], theta)
     vc = phi_by_loop(m.v_phi, v_cmp, starts)
-    gates = torch.sigmoid(F.linear(F.silu(F.linear(x, m.gate.fc1.weight, m.gate.fc1.bias)), m.gate.fc2.weight, m.gate.fc2.bias))
+    gates = torch.sigmoid(F.silu(x @ m.gate.fc1.weight.T + m.gate.fc1.bias) @ m.gate.fc2.weight.T + m.gate.bias)
     gates = gates.view(B, T, -1, 3)
     o = nsa.nsa_attention(q, k_slc, v_slc, kc, vc, gates, k_win=k_win, v_win=v_win, config=m.sparsity)
     return o.flatten(-2) @ m.o_proj.weight.T
@@ -155,3 +155,27 @@ def test_bad_inputs_name_the_argument():
         m(torch.randn(1, 5, 48, dtype=torch.float64), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
           cache=nsa.NSACache())
 
+
+
+def test_dense_attention_is_causal_sdpa_on_the_same_projections():
+    d = DenseAttention(48, 6, 2, head_dim=8, v_head_dim=12, rope_theta=500.0).double()
+    x = torch.randn(2, 21, 48, dtype=torch.float64)
+    pos = torch.arange(21)[None].expand(2, -1)
+    q = rotate_pairs((x @ d.q_proj.weight.T).view(2, 21, 6, 8), pos[..., None], 500.0)
+    k, v = (x @ d.kv_proj.weight.T).split([16, 24], dim=-1)
+    k, v = rotate_pairs(k.view(2, 21, 2, 8), pos[..., None], 500.0), v.view(2, 21, 2, 12)
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(3, dim=2)) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(21, 21, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.repeat_interleave(3, dim=2))
+    torch.testing.assert_close(d(x), o.flatten(-2) @ d.o_proj.weight.T, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_attention_varlen_and_cache():
+    d = DenseAttention(48, 6, 2, head_dim=8, v_head_dim=12).double()
+    x = torch.randn(1, 30, 48, dtype=torch.float64)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+    torch.testing.assert_close(d(x, cu_seqlens=cu), torch.cat([d(x[:, :11]), d(x[:, 11:])], dim=1),
+                               rtol=1e-10, atol=1e-12)
+    cache = nsa.NSACache()
+    steps = [d(x[:, :9], cache=cache)] + [d(x[:, t:t + 1], cache=cache) for t in range(9, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), d(x), rtol=1e-10, atol=1e-12)
