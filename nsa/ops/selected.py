@@ -223,6 +223,11 @@ def _slc_bwd_block_kernel(
         tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
 
 
+def _key_tile(slc_block: int) -> int:
+    """Keys per tile: the block itself up to 64 (a larger block takes several tiles), at least tl.dot's 16."""
+    return max(16, min(64, triton.next_power_of_2(slc_block)))
+
+
 def _queries_per_program(G: int) -> int:
     return max(1, ROWS // triton.next_power_of_2(G))
 
@@ -295,7 +300,7 @@ def _launch_args(q, k, v, cfg: SparsityConfig):
     G = HQ // HKV
     return dict(
         HQ=HQ, HKV=HKV, G=G, GP=triton.next_power_of_2(G), DK=DK, DV=DV, LS=cfg.slc_block,
-        BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV), BLOCK_S=min(64, triton.next_power_of_2(cfg.slc_block)),
+        BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV), BLOCK_S=_key_tile(cfg.slc_block),
         PRECISION=dot_precision(q.dtype),
     )
 

@@ -25,9 +25,14 @@ from .common import (
     softmax_step,
 )
 
-# Query tile of the forward and of dq, key tile of dk/dv: fixed because the host lays out the tiles.
+# Query tile of the forward and of dq: fixed because the host lays out the tiles. A small tile wastes
+# less of the band: each query visits the keys of (BLOCK_Q + w) / BLOCK_N tiles.
 BLOCK_Q = 64
-BLOCK_KV = 64
+
+
+def _key_tile(DK: int) -> int:
+    """Key tile of dk/dv: its float32 dk and dv accumulators live in registers, so wide heads take fewer keys."""
+    return 64 if padded_dim(DK) <= 128 else 32
 
 
 @triton.autotune(
@@ -226,10 +231,10 @@ def win_bwd(do, q, k, v, o, lse, packed: Packed, window: int, scale: float) -> t
     delta = attention_delta(o, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(DK=DK, DV=DV, BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV), PRECISION=dot_precision(q.dtype))
-    tiles = query_tiles(packed, BLOCK_KV)
+    tiles = query_tiles(packed, _key_tile(DK))
     _win_bwd_dkdv_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, do, lse, delta, dk, dv, packed.cu_seqlens, tiles, scale * LOG2E, scale, window,
-        HKV=HKV, G=HQ // HKV, BLOCK_N=BLOCK_KV, **common,
+        HKV=HKV, G=HQ // HKV, BLOCK_N=_key_tile(DK), **common,
     )
     tiles = query_tiles(packed, BLOCK_Q)
     _win_bwd_dq_kernel[(tiles.shape[0] * HQ,)](

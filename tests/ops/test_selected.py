@@ -12,6 +12,7 @@ from tests.ops.attention_cases import check_against_reference, packed_inputs
 
 SMALL = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_init=1, num_local=2, window=32)
 WIDE = SparsityConfig(cmp_block=16, cmp_stride=16, slc_block=32, num_selected=4, num_init=1, num_local=1, window=32)
+TINY = SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=5, num_init=1, num_local=2, window=32)
 ODD = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=24, num_selected=3, num_init=0, num_local=1, window=32)
 
 
@@ -64,6 +65,7 @@ def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device="cpu", deterministic=F
         ([130], 8, 2, 16, 16, SMALL, torch.float16, "top"),          # G = 4, two KV heads
         ([100], 8, 1, 16, 16, ODD, torch.float32, "top"),            # G = 8, l' = 24 (not a power of two), no init block
         ([77], 16, 1, 16, 16, WIDE, torch.float16, "random"),        # G = 16
+        ([61], 2, 1, 144, 16, TINY, torch.float32, "top"),          # l' = 8 below the 16-key tile, DK padded to 256
     ],
 )
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -40,6 +40,7 @@ def run(lengths, HQ, HKV, DK, DV, window, dtype, device="cpu"):
         ([70, 5, 131], 8, 1, 48, 16, 64, torch.float32),  # varlen, G = 8, DK padded to 64
         ([100], 16, 1, 16, 16, 1, torch.float32),         # G = 16, window of 1: each query sees itself only
         ([66], 4, 1, 16, 32, 33, torch.float16),          # G = 4
+        ([70], 2, 1, 144, 16, 20, torch.float32),         # DK padded past 128: narrower key tile for dk/dv
     ],
 )
 def test_window_matches_reference(lengths, HQ, HKV, DK, DV, window, dtype):
