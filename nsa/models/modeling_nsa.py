@@ -1,0 +1,195 @@
+"""NSAModel and NSAForCausalLM: a Llama-style decoder (RMSNorm, SwiGLU) on NativeSparseAttention.
+
+Decoding keeps an NSACache (SPEC.md, Decoding) rather than transformers' DynamicCache: the model creates it on the
+first forward with use_cache and returns it, and generate() hands it back at every step. The cache argument is
+named `cache` (transformers >= 5.18) or `past_key_values` (earlier 5.x); both are accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from ..cache import NSACache
+from ..modules import GATE_BIAS, Compressor, DenseAttention, Gate, NativeSparseAttention, default_position_ids
+from .configuration_nsa import NSAConfig
+
+# The output field that carries the cache, under the name this transformers version's generate() reads.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class NSARMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class NSAMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NSADecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: NSAConfig, layer_idx: int):
+        super().__init__()
+        heads = dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                     num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, v_head_dim=config.v_head_dim,
+                     rope_theta=config.rope_theta, layer_idx=layer_idx)
+        if config.attn_impl == "nsa":
+            self.self_attn = NativeSparseAttention(**heads, sparsity=config.sparsity, share_win_kv=config.share_win_kv)
+        else:
+            self.self_attn = DenseAttention(**heads)
+        self.mlp = NSAMLP(config)
+        self.input_layernorm = NSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = NSARMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, position_ids=None, cache=None, cu_seqlens=None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_ids=position_ids,
+                                                       cache=cache, cu_seqlens=cu_seqlens)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class NSAPreTrainedModel(PreTrainedModel):
+    config_class = NSAConfig
+    config: NSAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NSADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model builds its own NSACache on the first forward.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Compressor):
+            init.normal_(module.pos, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, Gate):
+            init.constant_(module.bias, GATE_BIAS)
+
+
+class NSAModel(NSAPreTrainedModel):
+    """The decoder stack: embeddings, NSADecoderLayer x num_hidden_layers, final RMSNorm."""
+
+    def __init__(self, config: NSAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(NSADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = NSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: NSACache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                cu_seqlens: torch.Tensor | None = None, past_key_values: NSACache | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: [B, T] token ids, or inputs_embeds [B, T, hidden_size].
+            attention_mask: [B, T]; accepted only without padding (all ones): NSA's blocks assume contiguous
+                tokens, so pack sequences of different lengths with cu_seqlens instead.
+            position_ids: [B, T] (default: continue from the cache, restart at every cu_seqlens sequence).
+            cache (or past_key_values): an NSACache to extend; one is created when use_cache is on.
+            cu_seqlens: int32 [N+1] offsets of sequences packed along T (B == 1, no cache).
+        Returns:
+            BaseModelOutputWithPast with last_hidden_state [B, T, hidden_size] and the cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("exactly one of input_ids and inputs_embeds must be given")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an NSACache, got {type(cache).__name__}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("attention_mask must be all ones: NSA supports no padding; pack sequences with "
+                             "cu_seqlens instead")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.layers)
+        if checkpointing or cu_seqlens is not None:
+            # A recomputed layer would append to the cache twice; packed sequences are not decoded.
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = NSACache()
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = hidden_states.shape[:2]
+        if position_ids is None:
+            past = 0 if cache is None else cache.get_seq_length()
+            position_ids = default_position_ids(B, T, past, cu_seqlens, hidden_states.device)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       **{CACHE_FIELD: cache if use_cache else None})
+
+
+class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
+    """NSAModel with a language-model head; loss with labels (shifted inside, as in transformers)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NSAConfig):
+        super().__init__(config)
+        self.model = NSAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: NSACache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, cu_seqlens: torch.Tensor | None = None,
+                past_key_values: NSACache | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """As NSAModel.forward, plus labels [B, T] (-100 is ignored) and logits_to_keep (0: all positions).
+
+        Returns CausalLMOutputWithPast with logits [B, T, vocab_size], loss when labels are given, and the cache.
+        """
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                         past_key_values=past_key_values)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})

@@ -1,0 +1,155 @@
+"""The NSA causal LM on transformers: forward, loss, backward, generate, round trip, Auto classes, presets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import nsa  # noqa: E402
+from nsa import NSACache, NSAConfig, NSAForCausalLM, NSAModel  # noqa: E402
+
+SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=32)
+
+
+def tiny(**kwargs):
+    base = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, head_dim=8, v_head_dim=12, sparsity=SMALL, pad_token_id=0, eos_token_id=None)
+    return NSAConfig(**{**base, **kwargs})
+
+
+def model(**kwargs):
+    return NSAForCausalLM(tiny(**kwargs)).eval()
+
+
+@pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
+def test_loss_is_shifted_cross_entropy_and_every_parameter_learns(attn_impl):
+    m = model(attn_impl=attn_impl).train()
+    ids = torch.randint(1, 101, (2, 50))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    out = m(ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    # At initialisation the model predicts close to uniformly: the output scale of every block is sane.
+    assert abs(out.loss.item() - math.log(101)) < 0.5
+    out.loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    m = model().train()
+    ids = torch.randint(1, 101, (2, 40))
+    m(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.gradient_checkpointing_enable()
+    out = m(ids, labels=ids)
+    assert out.loss.requires_grad
+    out.loss.backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+
+
+def greedy_by_recomputing(m, ids, steps):
+    for _ in range(steps):
+        logits = m(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("attn_impl,share_win_kv", [("nsa", False), ("nsa", True), ("dense", False)])
+def test_greedy_generate_equals_argmax_of_full_forwards(attn_impl, share_win_kv):
+    m = model(attn_impl=attn_impl, share_win_kv=share_win_kv).double()
+    prompt = torch.randint(1, 101, (2, 21))
+    lengths = []
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    out = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False)
+    hook.remove()
+    # The cache is used: after the prompt, one token per step (the sequence grows past the window and blocks).
+    assert lengths == [21] + [1] * 29
+    assert torch.equal(out, greedy_by_recomputing(m, prompt, 30))
+
+
+def test_forward_returns_an_nsa_cache_that_continues_the_sequence():
+    m = model().double()
+    ids = torch.randint(1, 101, (1, 45))
+    full = m(ids, use_cache=False).logits
+    first = m(ids[:, :30], use_cache=True)
+    cache = first.cache if hasattr(first, "cache") and first.cache is not None else first.past_key_values
+    assert isinstance(cache, NSACache) and cache.get_seq_length() == 30
+    rest = m(ids[:, 30:], past_key_values=cache).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
+def test_packed_sequences_run_as_if_alone(attn_impl):
+    m = model(attn_impl=attn_impl).double()
+    a, b = torch.randint(1, 101, (1, 19)), torch.randint(1, 101, (1, 40))
+    cu = torch.tensor([0, 19, 59], dtype=torch.int32)
+    packed = m(torch.cat([a, b], dim=1), cu_seqlens=cu).logits
+    torch.testing.assert_close(packed, torch.cat([m(a).logits, m(b).logits], dim=1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_and_load_round_trip_bit_exactly(tmp_path, tie):
+    m = model(tie_word_embeddings=tie)
+    m.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is NSAForCausalLM and loaded.config.sparsity == SMALL
+    before, after = m.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    ids = torch.randint(1, 101, (2, 37))
+    assert torch.equal(m(ids).logits, loaded(ids).logits)
+
+
+def test_auto_classes_know_the_model():
+    config = tiny()
+    assert type(transformers.AutoConfig.for_model("nsa")) is NSAConfig
+    assert type(transformers.AutoModel.from_config(config)) is NSAModel
+    assert type(transformers.AutoModelForCausalLM.from_config(config)) is NSAForCausalLM
+
+
+def test_config_round_trips_and_validates(tmp_path):
+    config = tiny(attn_impl="dense", share_win_kv=True)
+    config.save_pretrained(tmp_path)
+    loaded = NSAConfig.from_pretrained(tmp_path)
+    assert loaded.sparsity == SMALL and loaded.attn_impl == "dense" and loaded.share_win_kv and loaded.v_head_dim == 12
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        tiny(attn_impl="flash")
+    with pytest.raises(ValueError, match="must divide cmp_block"):
+        tiny(sparsity=None, cmp_block=12, cmp_stride=8)
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        tiny(num_key_value_heads=4)
+    with pytest.raises(TypeError, match="sparsity must be a SparsityConfig"):
+        tiny(sparsity={"window": 8})
+
+
+def test_padding_and_foreign_caches_are_refused():
+    m = model()
+    ids = torch.randint(1, 101, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask must be all ones"):
+        m(ids, attention_mask=mask)
+    with pytest.raises(TypeError, match="cache must be an NSACache"):
+        m(ids, past_key_values=transformers.DynamicCache())
+
+
+@pytest.mark.parametrize("preset,low,high", [("nsa_100m", 90e6, 130e6), ("nsa_1b", 0.9e9, 1.3e9)])
+def test_presets_have_their_size(preset, low, high):
+    from nsa.models.modeling_nsa import NSADecoderLayer
+
+    config = getattr(NSAConfig, preset)()
+    # One layer stands for all of them: building the whole 1B model on the CPU would take most of a CI minute.
+    layer = sum(p.numel() for p in NSADecoderLayer(config, 0).parameters())
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    count = config.num_hidden_layers * layer + embeddings + config.hidden_size
+    assert low < count < high, count
