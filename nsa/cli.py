@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .bench import add_arguments as add_bench_arguments
+from .bench import run as run_bench
+
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run
@@ -18,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="nsa_demo.png", help="where to save the picture (PNG)")
     demo.add_argument("--seqlen", type=int, default=2048, help="tokens of the random input")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="time NSA beside dense attention (cuDNN, flash, FlexAttention) and fla")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
     return parser
 
 

@@ -1,0 +1,302 @@
+"""What is timed: NSA and the dense baselines, each built as a function of its inputs at one shape.
+
+Each builder returns a Built whose fn(*inputs) returns one output tensor; the suite times fn for the
+forward, autograd.grad of its output for the backward. Builders raise Skip when a side cannot run a
+shape at all (a reason, not a failure).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import nsa
+
+from .configs import BenchConfig, dense_flops, nsa_flops
+from .measure import L2_BYTES
+
+
+class Skip(Exception):
+    """A side that does not take this shape or device; the message says why."""
+
+
+@dataclass
+class Built:
+    """fn(*inputs[i]) for each rotated copy i of the inputs; flops (forward, backward) of one call, or None;
+    bytes_fwd: the forward's traffic where the tensor sizes overstate it (decode), else None; params: the
+    parameters whose gradients a backward computes besides the inputs' (a layer's weights)."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: list[tuple]
+    flops: tuple[int, int] | None
+    note: str = ""
+    bytes_fwd: int | None = None
+    params: list = field(default_factory=list)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def rotated(make: Callable[[], tuple]) -> list[tuple]:
+    """Copies of the inputs make() draws, enough that cycling through them defeats a GPU's L2 (one copy
+    when a single set is already larger than a few L2s, as at every GPU length of this suite, or on a CPU)."""
+    first = make()
+    size = tensor_bytes(first)
+    on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in first)
+    copies = 1 if size >= 3 * L2_BYTES or not on_gpu else min(4, math.ceil(3 * L2_BYTES / max(size, 1)))
+    return [first] + [make() for _ in range(copies - 1)]
+
+
+def _leaf(shape, device, dtype, grad=True, fill=torch.randn):
+    return fill(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def nsa_gates(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, grad=True) -> torch.Tensor:
+    gates = torch.rand(batch, seqlen, cfg.hq, 3, device=device, dtype=dtype)
+    if not cfg.window_gate:
+        gates[..., 2] = 0
+    return gates.requires_grad_(grad)
+
+
+def nsa_inputs(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, grad=True) -> tuple:
+    """(q, k, v, gates), with k_cmp, v_cmp before gates unless cfg.pooled (then fn pools k and v)."""
+    q = _leaf((batch, seqlen, cfg.hq, cfg.dk), device, dtype, grad)
+    k = _leaf((batch, seqlen, cfg.hkv, cfg.dk), device, dtype, grad)
+    v = _leaf((batch, seqlen, cfg.hkv, cfg.dv), device, dtype, grad)
+    gates = nsa_gates(cfg, batch, seqlen, device, dtype, grad)
+    if cfg.pooled:
+        return q, k, v, gates
+    tc = cfg.sparsity.num_cmp(seqlen)
+    k_cmp = _leaf((batch, tc, cfg.hkv, cfg.dk), device, dtype, grad)
+    v_cmp = _leaf((batch, tc, cfg.hkv, cfg.dv), device, dtype, grad)
+    return q, k, v, k_cmp, v_cmp, gates
+
+
+def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, T // block, H, D]: the mean of each complete block (float32 sum, x's dtype out)."""
+    B, T, H, D = x.shape
+    n = T // block
+    return x[:, : n * block].unflatten(1, (n, block)).float().mean(2).to(x.dtype)
+
+
+def nsa_call(cfg: BenchConfig, backend: str, return_indices: bool = False) -> Callable:
+    """fn(*nsa_inputs(...)) -> nsa_attention's output, pooling k_cmp/v_cmp first where cfg.pooled."""
+
+    def fn(*inputs):
+        if cfg.pooled:
+            q, k, v, gates = inputs
+            k_cmp, v_cmp = mean_pool(k, cfg.sparsity.cmp_block), mean_pool(v, cfg.sparsity.cmp_block)
+        else:
+            q, k, v, k_cmp, v_cmp, gates = inputs
+        return nsa.nsa_attention(q, k, v, k_cmp, v_cmp, gates, config=cfg.sparsity, backend=backend,
+                                 return_indices=return_indices)
+
+    return fn
+
+
+def build_nsa(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, backend: str) -> Built:
+    return Built(nsa_call(cfg, backend), rotated(lambda: nsa_inputs(cfg, batch, seqlen, device, dtype)),
+                 nsa_flops(cfg, batch, seqlen), note=f"backend={backend}")
+
+
+def _dense_inputs(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> tuple:
+    # [B, H, T, D]: the layout SDPA and FlexAttention read without a copy.
+    return (_leaf((batch, cfg.hq, seqlen, cfg.dk), device, dtype), _leaf((batch, cfg.hkv, seqlen, cfg.dk), device, dtype),
+            _leaf((batch, cfg.hkv, seqlen, cfg.dv), device, dtype))
+
+
+def _sdpa(backends, causal: bool, gqa: bool) -> Callable:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(backends):
+            if gqa:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            group = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                  is_causal=causal)
+
+    return fn
+
+
+def sdpa_fn(backends, probe: tuple, causal: bool = True) -> tuple[Callable, str]:
+    """SDPA restricted to `backends`, with enable_gqa where the backend takes it, else K/V heads repeated
+    inside the timed call. Raises Skip when the backends take neither form of the probe inputs."""
+    errors = []
+    for gqa in (True, False):
+        fn = _sdpa(backends, causal, gqa)
+        try:
+            with torch.no_grad():
+                fn(*probe)
+        except RuntimeError as error:
+            errors.append(str(error).splitlines()[0][:160])
+            continue
+        return fn, "" if gqa else "K/V heads repeated inside the timed call (enable_gqa refused)"
+    raise Skip("; ".join(errors))
+
+
+def _probe(inputs: tuple, length: int = 256) -> tuple:
+    return tuple(x[:, :, :length].detach() for x in inputs)
+
+
+def build_sdpa(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, backend: str) -> Built:
+    from torch.nn.attention import SDPBackend
+
+    if backend == "flash" and cfg.dk != cfg.dv:
+        raise Skip("FA2 in SDPA refuses DK != DV")
+    if backend in ("cudnn", "flash") and device.type != "cuda":
+        raise Skip("needs CUDA")
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    inputs = rotated(lambda: _dense_inputs(cfg, batch, seqlen, device, dtype))
+    fn, note = sdpa_fn([chosen[backend]], _probe(inputs[0]))
+    return Built(fn, inputs, dense_flops(cfg, batch, seqlen), note)
+
+
+_compiled_flex = None
+
+
+def build_flex(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> Built:
+    if device.type != "cuda":
+        raise Skip("needs CUDA")
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seqlen, seqlen, device=device)
+
+    def fn(q, k, v):
+        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+    return Built(fn, rotated(lambda: _dense_inputs(cfg, batch, seqlen, device, dtype)),
+                 dense_flops(cfg, batch, seqlen), "torch.compile(flex_attention), causal block mask")
+
+
+def import_fla():
+    """fla's parallel_nsa, or Skip saying why not. fla warns at import that flash_attn is missing: it only
+    serves fla's window branch, which this suite does not use."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.nsa import parallel_nsa
+    except Exception as error:  # an unimportable optional baseline is a note in its rows, not a failure
+        raise Skip(f"fla not importable: {type(error).__name__}: {str(error)[:160]}") from None
+    return parallel_nsa
+
+
+def fla_call(cfg: BenchConfig) -> Callable:
+    parallel_nsa = import_fla()
+    s = cfg.sparsity
+
+    def fn(q, k, v, g_cmp, g_slc):
+        return parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=s.num_selected, block_size=s.slc_block,
+                            window_size=0)
+
+    return fn
+
+
+def fla_inputs(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, grad=True) -> tuple:
+    q = _leaf((batch, seqlen, cfg.hq, cfg.dk), device, dtype, grad)
+    k = _leaf((batch, seqlen, cfg.hkv, cfg.dk), device, dtype, grad)
+    v = _leaf((batch, seqlen, cfg.hkv, cfg.dv), device, dtype, grad)
+    g_cmp = _leaf((batch, seqlen, cfg.hq), device, dtype, grad, torch.rand)
+    g_slc = _leaf((batch, seqlen, cfg.hq), device, dtype, grad, torch.rand)
+    return q, k, v, g_cmp, g_slc
+
+
+def build_fla(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> Built:
+    if device.type != "cuda":
+        raise Skip("needs CUDA")
+    return Built(fla_call(cfg), rotated(lambda: fla_inputs(cfg, batch, seqlen, device, dtype)),
+                 nsa_flops(cfg, batch, seqlen, window=False), "fla-core parallel_nsa, mean-pooled compression, no window")
+
+
+def layer_hidden(cfg: BenchConfig) -> int:
+    return cfg.hq * cfg.dv
+
+
+def _layer_inputs(cfg, batch, seqlen, device, dtype):
+    return (_leaf((batch, seqlen, layer_hidden(cfg)), device, dtype),)
+
+
+def build_nsa_layer(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> Built:
+    """nsa.NativeSparseAttention with its projections, phi, gates and RoPE, width HQ * DV."""
+    if not hasattr(nsa, "NativeSparseAttention"):
+        raise Skip("nsa.NativeSparseAttention is not in this version")
+    layer = nsa.NativeSparseAttention(layer_hidden(cfg), cfg.hq, cfg.hkv, cfg.dk, cfg.dv, sparsity=cfg.sparsity)
+    layer = layer.to(device=device, dtype=dtype)
+    return Built(layer, rotated(lambda: _layer_inputs(cfg, batch, seqlen, device, dtype)), None,
+                 f"hidden={layer_hidden(cfg)}", params=list(layer.parameters()))
+
+
+def build_dense_layer(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> Built:
+    """nsa.DenseAttention (the same projections and RoPE around causal SDPA), on cuDNN where it takes the call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not hasattr(nsa, "DenseAttention"):
+        raise Skip("nsa.DenseAttention is not in this version")
+    layer = nsa.DenseAttention(layer_hidden(cfg), cfg.hq, cfg.hkv, cfg.dk, cfg.dv).to(device=device, dtype=dtype)
+    backends = [SDPBackend.CUDNN_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]
+
+    def fn(x):
+        with sdpa_kernel(backends):
+            return layer(x)
+
+    note = f"hidden={layer_hidden(cfg)}, SDPA {backends[0].name}"
+    try:
+        with torch.no_grad():
+            fn(_layer_inputs(cfg, 1, 256, device, dtype)[0].detach())
+    except RuntimeError:
+        fn, note = layer, f"hidden={layer_hidden(cfg)}, SDPA backend of torch's choice ({backends[0].name} refused)"
+    return Built(fn, rotated(lambda: _layer_inputs(cfg, batch, seqlen, device, dtype)), None, note,
+                 params=list(layer.parameters()))
+
+
+def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
+    """One new token per sequence against a cache of `context` tokens (the last of them the new one)."""
+    try:
+        from nsa.cache import StepState, decode_attention
+    except ImportError as error:
+        raise Skip(f"no decode API in this version ({error})") from None
+    s = cfg.sparsity
+    w = min(s.window, context)
+    tc = s.num_cmp(context)
+
+    def make():
+        k = _leaf((batch, context, cfg.hkv, cfg.dk), device, dtype, False)
+        v = _leaf((batch, context, cfg.hkv, cfg.dv), device, dtype, False)
+        state = StepState(k, v, _leaf((batch, tc, cfg.hkv, cfg.dk), device, dtype, False),
+                          _leaf((batch, tc, cfg.hkv, cfg.dv), device, dtype, False), k[:, -w:], v[:, -w:], context - 1)
+        return (_leaf((batch, 1, cfg.hq, cfg.dk), device, dtype, False), nsa_gates(cfg, batch, 1, device, dtype, False),
+                state)
+
+    keys = tc + min(s.num_selected * s.slc_block, context) + w
+    traffic = batch * cfg.hkv * keys * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
+    flops = batch * cfg.hq * (2 * keys * (cfg.dk + cfg.dv) + 2 * tc * cfg.dk)
+    return Built(lambda q, gates, state: decode_attention(q, gates, state, s), [make()], (flops, 0),
+                 "nsa.cache.decode_attention", bytes_fwd=traffic)
+
+
+def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
+    def make():
+        return (_leaf((batch, cfg.hq, 1, cfg.dk), device, dtype, False),
+                _leaf((batch, cfg.hkv, context, cfg.dk), device, dtype, False),
+                _leaf((batch, cfg.hkv, context, cfg.dv), device, dtype, False))
+
+    inputs = [make()]
+    # The new token is the last position: it sees the whole cache, so no causal mask; SDPA picks its backend.
+    fn, note = sdpa_fn(list(_all_sdpa_backends()), inputs[0], causal=False)
+    flops = 2 * batch * cfg.hq * context * (cfg.dk + cfg.dv)
+    return Built(fn, inputs, (flops, 0), f"SDPA, backend of torch's choice {note}".strip())
+
+
+def _all_sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)

@@ -1,0 +1,443 @@
+"""The run: every case of the plan, NSA and its baselines side by side, guarded, timed, written down.
+
+A failing side or phase becomes a row with status "error" and the message; a side that cannot take a
+shape becomes status "skipped" with the reason; neither stops the run. bench.json is rewritten after
+every case, so that a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+import nsa
+
+from . import guard, impls
+from .configs import BYTE_RULE, FLOP_RULES, BenchConfig, Plan, make_plan
+from .measure import bench_ms, ceilings, environment, peak_gb, reset_peak
+
+TRAINING = ("fwd", "bwd", "fwdbwd")
+# The dense side each phase's speedup is measured against, by device type.
+REFERENCE = {
+    "cuda": {"train": "sdpa_cudnn", "layer": "dense_layer", "decode": "sdpa_decode"},
+    "cpu": {"train": "sdpa_math", "layer": "dense_layer", "decode": "sdpa_decode"},
+}
+LABELS = {
+    "nsa": "NSA", "sdpa_cudnn": "SDPA cuDNN", "sdpa_math": "SDPA math (CPU)", "sdpa_flash": "SDPA flash (FA2)",
+    "flex": "FlexAttention (compiled)", "fla": "fla parallel_nsa", "nsa_layer": "NSA layer",
+    "dense_layer": "nsa.DenseAttention", "nsa_decode": "NSA decode", "sdpa_decode": "SDPA decode",
+}
+
+
+@dataclasses.dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    warmup: int
+    rep: int
+    budget_s: float
+    out: str | None
+
+
+def _phase_flops(flops, phase):
+    if flops is None:
+        return None
+    fwd, bwd = flops
+    return {"fwd": fwd, "decode": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}.get(phase)
+
+
+def _leaves(built: impls.Built, inputs: tuple) -> list[torch.Tensor]:
+    return [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad] + list(built.params)
+
+
+def _calls(built: impls.Built, phase: str) -> tuple[list, int, int]:
+    """One call per rotated input copy for `phase`, with the input and output bytes of one call."""
+    calls = []
+    out_bytes = 0
+    for inputs in built.inputs:
+        if phase in ("fwd", "decode"):
+            with torch.no_grad():
+                out_bytes = impls.tensor_bytes([built.fn(*inputs)])
+            calls.append(partial(built.fn, *inputs))
+            continue
+        out = built.fn(*inputs)
+        grad_out = torch.randn_like(out)
+        out_bytes = impls.tensor_bytes([out])
+        leaves = _leaves(built, inputs)
+        if phase == "bwd":
+            # The forward ran above, outside the timed region; retain_graph lets every timed call reuse it.
+            calls.append(partial(torch.autograd.grad, out, leaves, grad_out, retain_graph=True))
+        else:
+            del out
+            calls.append(lambda inputs=inputs, leaves=leaves, grad_out=grad_out: torch.autograd.grad(
+                built.fn(*inputs), leaves, grad_out))
+    in_bytes = impls.tensor_bytes(list(built.inputs[0]) + list(built.params))
+    return calls, in_bytes, out_bytes
+
+
+def time_phase(built: impls.Built, phase: str, s: Settings) -> dict:
+    """Median ms of `phase` on `built`, its FLOP rate, traffic, peak memory and shares of the ceilings."""
+    calls, in_bytes, out_bytes = _calls(built, phase)
+    position = iter(range(1 << 62))
+
+    def step():
+        return calls[next(position) % len(calls)]()
+
+    grad_context = torch.no_grad() if phase == "decode" else torch.enable_grad()
+    with grad_context:
+        ms = bench_ms(step, s.device, s.warmup, s.rep)
+    flops = _phase_flops(built.flops, phase)
+    if phase == "decode":
+        traffic = built.bytes_fwd
+    else:
+        traffic = {"fwd": in_bytes + out_bytes, "bwd": 2 * in_bytes + 2 * out_bytes,
+                   "fwdbwd": 3 * in_bytes + 3 * out_bytes}.get(phase, 3 * in_bytes + 3 * out_bytes)
+    row = {"ms": ms, "flops": flops, "bytes": traffic, "copies": len(calls)}
+    row["TFLOPs"] = flops / ms / 1e9 if flops else None
+    row["GBps"] = traffic / ms / 1e6 if traffic else None
+    return row
+
+
+class Runner:
+    """Runs a plan, keeping every row and check in `self.results`."""
+
+    def __init__(self, plan: Plan, mode: str, s: Settings):
+        self.plan, self.mode, self.s = plan, mode, s
+        self.started = time.monotonic()
+        self.ref = REFERENCE[s.device.type]
+        self.dense_cache: dict[tuple, dict] = {}
+        self.results = {
+            "suite": "nsa bench", "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "nsa_version": nsa.__version__, "environment": environment(s.device),
+            "dtype": str(s.dtype).removeprefix("torch."), "nsa_backend": s.backend,
+            "reference_baseline": self.ref,
+            "methodology": {
+                "timing": (f"triton.testing.do_bench(warmup={s.warmup}, rep={s.rep}, return_mode='median') on CUDA; "
+                           "one perf_counter timing on CPU (harness check only). fwd: forward with inputs that require grad "
+                           "(the training forward). bwd: torch.autograd.grad of a saved output with retain_graph, "
+                           "the forward outside the timed region. fwdbwd: forward + backward. layer: forward + "
+                           "backward of the whole attention layer (projections, compression, gates) including "
+                           "parameter gradients. decode: one new token per sequence against a filled cache, no grad."),
+                "nsa_includes": ("everything nsa_attention does: compressed branch, block scores, top-n, selected "
+                                 "and window branches, gating; the mean pooling of the fla configuration too. "
+                                 "The compression MLP and projections only in the layer phase."),
+                "flops": FLOP_RULES, "bytes": BYTE_RULE,
+                "l2": ("inputs smaller than 3x the 60 MB L2 are rotated over up to 4 copies ('copies' per row); "
+                       "every GPU shape here is larger, so those run on one copy"),
+                "guard": guard.__doc__.strip(),
+                "skips": (f"FlexAttention and SDPA flash are timed up to T={plan.slow_baseline_max_t} only; "
+                          "a side that cannot take a shape is 'skipped' with the reason"),
+            },
+            "configs": {c.name: c.describe() for c in plan.configs},
+            "phases": list(plan.phases), "ceilings": None, "checks": [], "rows": [],
+        }
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.s.budget_s
+
+    def add_row(self, cfg: BenchConfig, batch: int, seqlen: int, phase: str, impl: str, status: str, **fields):
+        row = {"config": cfg.name, "B": batch, "T": seqlen, "phase": phase, "impl": impl,
+               "label": LABELS.get(impl, impl), "status": status, "note": "", "ms": None, "speedup": None,
+               "TFLOPs": None, "GBps": None, "frac_matmul": None, "frac_copy": None, "peak_GB": None}
+        row.update(fields)
+        ceil = self.results["ceilings"]
+        if ceil and row["TFLOPs"]:
+            row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_TFLOPs"]
+        if ceil and row["GBps"]:
+            row["frac_copy"] = row["GBps"] / ceil["copy_GBps"]
+        self.results["rows"].append(row)
+        return row
+
+    def save(self) -> None:
+        if not self.s.out:
+            return
+        os.makedirs(self.s.out, exist_ok=True)
+        path = os.path.join(self.s.out, "bench.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.results, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+    def free(self, collect: bool = False) -> None:
+        """Return freed blocks to the device; collect=True after an error, whose traceback may hold tensors
+        in a reference cycle (a full collection costs a fraction of a second, too much after every row)."""
+        if collect:
+            gc.collect()
+        if self.s.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- measuring -----------------------------------------------------------------------------------
+
+    def measure(self, cfg, batch, seqlen, phase, impl, build, built=None, skip=None):
+        """One row: build (unless `built` is given), time, record; errors and skips become the row."""
+        if skip is None and self.out_of_time():
+            skip = f"time budget ({self.s.budget_s:.0f} s) spent"
+        if skip is not None:
+            return self.add_row(cfg, batch, seqlen, phase, impl, "skipped", note=skip)
+        reset_peak(self.s.device)
+        try:
+            if built is None:
+                built = build()
+            fields = time_phase(built, phase, self.s)
+            fields["peak_GB"] = peak_gb(self.s.device)
+            fields["note"] = built.note
+            return self.add_row(cfg, batch, seqlen, phase, impl, "ok", **fields)
+        except impls.Skip as reason:
+            return self.add_row(cfg, batch, seqlen, phase, impl, "skipped", note=str(reason))
+        except Exception as error:  # a broken side is a row that says so; the rest of the run goes on
+            row = self.add_row(cfg, batch, seqlen, phase, impl, "error", note=_message(error))
+            built = None
+            self.free(collect=True)
+            return row
+        finally:
+            built = None
+            self.free()
+
+    def measure_dense(self, cfg, batch, seqlen, phase, impl, build, skip=None):
+        """A dense baseline row, timed once per dense shape and shared by configurations with that shape."""
+        key = (impl, cfg.dense_shape, batch, seqlen, phase)
+        if skip is None and key in self.dense_cache:
+            first = self.dense_cache[key]
+            shared = {k: v for k, v in first.items() if k not in ("config", "B", "T", "phase", "impl", "label", "status")}
+            shared["note"] = f"same dense shape as config {first['config']}: timed once; {first['note']}".rstrip("; ")
+            return self.add_row(cfg, batch, seqlen, phase, impl, first["status"], **shared)
+        row = self.measure(cfg, batch, seqlen, phase, impl, build, skip=skip)
+        if skip is None:
+            self.dense_cache[key] = row
+        return row
+
+    def guard_nsa(self, cfg, batch, seqlen, built) -> str | None:
+        """Run the guard on the inputs NSA will be timed on; returns why NSA must not be timed, or None."""
+        check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "nsa"}
+        try:
+            check.update(guard.check_nsa(cfg, built.inputs[0], self.s.backend, self.plan.guard_len))
+        except Exception as error:  # a kernel that cannot even run the guard is not timed
+            check.update(passed=False, error=_message(error))
+            self.free(collect=True)
+        self.results["checks"].append(check)
+        if cfg.fla and self.s.device.type == "cuda":
+            fla_check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "fla"}
+            try:
+                fla_check.update(guard.check_fla(cfg, built.inputs[0], self.plan.guard_len))
+            except Exception as error:  # informative only
+                fla_check.update(error=_message(error))
+                self.free(collect=True)
+            self.results["checks"].append(fla_check)
+        self.free()
+        return None if check.get("passed") else "correctness guard failed (see checks): not timed"
+
+    def training_case(self, cfg, batch, seqlen, tick):
+        s = self.s
+        phases = [p for p in TRAINING if p in self.plan.phases]
+        if not phases:
+            return
+        args = (cfg, batch, seqlen, s.device, s.dtype)
+        built, failure = None, None
+        if not self.out_of_time():
+            try:
+                built = impls.build_nsa(*args, backend=s.backend)
+            except Exception as error:  # recorded in each NSA row below
+                failure = _message(error)
+        if built is not None:
+            tick(cfg, batch, seqlen, "guard", "nsa")
+            failure = self.guard_nsa(cfg, batch, seqlen, built)
+        for phase in phases:
+            tick(cfg, batch, seqlen, phase, "nsa")
+            if failure:
+                self.add_row(cfg, batch, seqlen, phase, "nsa", "error", note=failure)
+            else:
+                self.measure(cfg, batch, seqlen, phase, "nsa", None, built=built)
+        built = None
+        self.free()
+
+        dense_backend = "cudnn" if s.device.type == "cuda" else "math"
+        slow = (f"T > {self.plan.slow_baseline_max_t}: skipped to keep the run in its time limit"
+                if seqlen > self.plan.slow_baseline_max_t else None)
+        sides = [
+            (self.ref["train"], partial(impls.build_sdpa, *args, backend=dense_backend), None),
+            ("sdpa_flash", partial(impls.build_sdpa, *args, backend="flash"), slow),
+            ("flex", partial(impls.build_flex, *args), slow),
+        ]
+        for phase in phases:
+            for impl, build, skip in sides:
+                tick(cfg, batch, seqlen, phase, impl)
+                self.measure_dense(cfg, batch, seqlen, phase, impl, build, skip)
+            if cfg.fla:
+                tick(cfg, batch, seqlen, phase, "fla")
+                self.measure(cfg, batch, seqlen, phase, "fla", partial(impls.build_fla, *args))
+
+    def layer_case(self, cfg, batch, seqlen, tick):
+        args = (cfg, batch, seqlen, self.s.device, self.s.dtype)
+        for impl, build in (("nsa_layer", impls.build_nsa_layer), ("dense_layer", impls.build_dense_layer)):
+            tick(cfg, batch, seqlen, "layer", impl)
+            self.measure(cfg, batch, seqlen, "layer", impl, partial(build, *args))
+
+    def decode_case(self, cfg, batch, context, tick):
+        args = (cfg, batch, context, self.s.device, self.s.dtype)
+        for impl, build in (("nsa_decode", impls.build_nsa_decode), ("sdpa_decode", impls.build_sdpa_decode)):
+            tick(cfg, batch, context, "decode", impl)
+            self.measure(cfg, batch, context, "decode", impl, partial(build, *args))
+
+    def jobs(self) -> list:
+        """(function, config, B, T, number of progress ticks) in the order they run."""
+        plan = self.plan
+        n_train = sum(p in plan.phases for p in TRAINING)
+        jobs = []
+        for cfg, batch, seqlen in plan.cases():
+            if n_train:
+                ticks = 1 + n_train * (4 + cfg.fla)
+                jobs.append((self.training_case, cfg, batch, seqlen, ticks))
+            if "layer" in plan.phases and batch == 1 and not cfg.pooled:
+                jobs.append((self.layer_case, cfg, batch, seqlen, 2))
+        if "decode" in plan.phases:
+            jobs += [(self.decode_case, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
+        return jobs
+
+    def run(self) -> dict:
+        jobs = self.jobs()
+        bar = _progress(sum(job[-1] for job in jobs))
+        self.results["ceilings"] = ceilings(self.s.device)
+        self.save()
+
+        def tick(cfg, batch, seqlen, phase, impl):
+            bar.set_description(f"{cfg.name} B={batch} T={seqlen} {phase} {impl}")
+            bar.update(1)
+
+        for job, cfg, batch, seqlen, _ in jobs:
+            job(cfg, batch, seqlen, tick)
+            add_speedups(self.results["rows"], self.ref)
+            self.results["elapsed_s"] = self.elapsed()
+            self.save()
+        bar.close()
+        return self.results
+
+
+def _message(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def add_speedups(rows: list[dict], reference: dict) -> None:
+    """speedup = the reference baseline's ms / the row's ms, within each (config, B, T, phase)."""
+    ref_ms = {}
+    for row in rows:
+        kind = "train" if row["phase"] in TRAINING else row["phase"]
+        if row["impl"] == reference.get(kind) and row["status"] == "ok":
+            ref_ms[(row["config"], row["B"], row["T"], row["phase"])] = row["ms"]
+    for row in rows:
+        base = ref_ms.get((row["config"], row["B"], row["T"], row["phase"]))
+        row["speedup"] = base / row["ms"] if base and row["status"] == "ok" and row["ms"] else None
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total)
+    return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+class _PlainProgress:
+    """Progress lines on stderr where tqdm is not installed."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.text = total, 0, ""
+
+    def set_description(self, text: str) -> None:
+        self.text = text
+
+    def update(self, n: int) -> None:
+        self.done += n
+        print(f"[{self.done}/{self.total}] {self.text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: dict) -> str:
+    """A compact text table of every row, grouped as run."""
+    header = ("config", "B", "T", "phase", "impl", "ms", "xref", "TFLOP/s", "%mm", "%bw", "peakGB", "note")
+    lines = []
+    for r in results["rows"]:
+        note = r["note"] if r["status"] != "ok" else ""
+        if r["status"] != "ok":
+            note = f"{r['status']}: {note}"
+        lines.append((r["config"], str(r["B"]), str(r["T"]), r["phase"], r["impl"], _fmt(r["ms"], ".3f"),
+                      _fmt(r["speedup"], ".2f"), _fmt(r["TFLOPs"], ".1f"),
+                      _fmt(r["frac_matmul"] and 100 * r["frac_matmul"], ".0f"),
+                      _fmt(r["frac_copy"] and 100 * r["frac_copy"], ".0f"), _fmt(r["peak_GB"], ".2f"), note[:70]))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
+    ceil = results.get("ceilings") or {}
+    env = results["environment"]
+    out.insert(0, f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
+                  f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} "
+                  f"TFLOP/s  xref = speedup over {results['reference_baseline']['train']} (layer: dense layer, "
+                  "decode: SDPA)")
+    failed = [c for c in results["checks"] if c["impl"] == "nsa" and not c.get("passed")]
+    if failed:
+        out.append(f"correctness guard FAILED for {len(failed)} case(s): " +
+                   ", ".join(f"{c['config']} B={c['B']} T={c['T']}" for c in failed))
+    return "\n".join(out)
+
+
+def settings(device: torch.device, args) -> Settings:
+    cuda = device.type == "cuda"
+    return Settings(device, torch.bfloat16 if cuda else torch.float32, "triton" if cuda else "reference",
+                    args.warmup, args.rep, args.budget, args.out)
+
+
+def select_plan(plan: Plan, args) -> Plan:
+    """The plan narrowed by --configs, --seqlens and --phases."""
+    changes = {}
+    if args.configs:
+        names = set(args.configs)
+        unknown = names - {c.name for c in plan.configs}
+        if unknown:
+            raise SystemExit(f"unknown configs {sorted(unknown)}; this mode has {[c.name for c in plan.configs]}")
+        changes["configs"] = tuple(c for c in plan.configs if c.name in names)
+    if args.seqlens:
+        changes["seqlens"] = tuple(args.seqlens)
+        changes["decode_contexts"] = tuple(args.seqlens)
+    if args.phases:
+        changes["phases"] = tuple(args.phases)
+    return dataclasses.replace(plan, **changes)
+
+
+def run(args) -> dict:
+    """`nsa bench`: run the plan the arguments select, print the table, write JSON and plots to --out."""
+    cuda = torch.cuda.is_available() and not args.tiny
+    mode = "tiny" if not cuda else ("quick" if args.quick else "full")
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        print("no GPU (or --tiny): a tiny pass on the reference backend, which exercises the harness only",
+              file=sys.stderr)
+    if args.budget is None:
+        args.budget = {"full": 480.0, "quick": 100.0, "tiny": 120.0}[mode]
+    plan = select_plan(make_plan(mode), args)
+    results = Runner(plan, mode, settings(device, args)).run()
+    if args.out:
+        from .plots import plot_all
+
+        results["plots"] = plot_all(results, args.out)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(table(results))
+    return results

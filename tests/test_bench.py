@@ -1,0 +1,61 @@
+"""`nsa bench` end to end: the tiny pass on the reference writes a complete JSON and the plots."""
+
+import json
+
+import pytest
+
+from nsa.bench import main
+from nsa.bench.configs import FULL_CONFIGS, dense_flops, make_plan, nsa_flops
+
+
+def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
+    main(["--tiny", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["mode"] == "tiny" and report["nsa_backend"] == "reference"
+    assert {"torch", "triton", "python"} <= report["environment"].keys()
+    assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_TFLOPs"] > 0
+    assert {"timing", "flops", "bytes", "guard"} <= report["methodology"].keys()
+
+    checks = [c for c in report["checks"] if c["impl"] == "nsa"]
+    assert checks and all(c["passed"] for c in checks)
+    rows = report["rows"]
+    assert all(r["status"] in ("ok", "skipped") for r in rows), [r for r in rows if r["status"] == "error"]
+    timed = {(r["config"], r["phase"], r["impl"]) for r in rows if r["status"] == "ok"}
+    for config in ("paper", "d128", "g4", "fla"):
+        for phase in ("fwd", "bwd", "fwdbwd"):
+            assert (config, phase, "nsa") in timed and (config, phase, "sdpa_math") in timed
+    assert ("paper", "layer", "nsa_layer") in timed and ("paper", "decode", "nsa_decode") in timed
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["speedup"] > 0
+        if r["status"] == "ok" and r["phase"] in ("fwd", "bwd", "fwdbwd"):
+            assert r["TFLOPs"] > 0 and r["frac_copy"] > 0
+    assert any(r["B"] > 1 for r in rows if r["phase"] == "fwd")
+    skipped = {r["impl"]: r["note"] for r in rows if r["status"] == "skipped"}
+    assert "needs CUDA" in skipped["flex"] and "needs CUDA" in skipped["fla"]
+
+    assert set(report["plots"]) == {f"speedup_{p}.png" for p in ("fwd", "bwd", "fwdbwd", "layer", "decode")}
+    for name in report["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "speedup over" in table and "sdpa_math" in table
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_gpu_plans(mode):
+    plan = make_plan(mode)
+    lengths = {t for _, _, t in plan.cases()}
+    assert {8192, 65536} <= lengths
+    assert "fla" in {c.name for c in plan.configs} and "paper" in {c.name for c in plan.configs}
+
+
+def test_flop_counts():
+    paper = FULL_CONFIGS[0]
+    fwd, bwd = dense_flops(paper, 1, 4)
+    assert fwd == 2 * 64 * 10 * 320 and bwd == int(2.5 * fwd)
+    # At 64k every query past the first blocks attends at most 16 * 64 selected keys, 512 window keys and
+    # about t / 16 compressed tokens: a small share of the dense causal work.
+    sparse, dense = nsa_flops(paper, 1, 65536)[0], dense_flops(paper, 1, 65536)[0]
+    assert 0.1 < sparse / dense < 0.2
+    # One query at t = 0: a single selected key, a single window key, no compressed token.
+    assert nsa_flops(paper, 1, 1)[0] == 64 * 2 * 320 * 2
