@@ -213,8 +213,8 @@ class NativeSparseAttention(nn.Module):
         # One matmul for the keys and values of all branches: [k_cmp, v_cmp, k_slc, v_slc(, k_win, v_win)].
         _init_heads(self, hidden_size, num_heads, num_kv_heads, head_dim, v_head_dim, rope_theta, bias, layer_idx,
                     len(self.kv_branches))
-        self.k_phi = Compressor(self.sparsity.cmp_block, head_dim)
-        self.v_phi = Compressor(self.sparsity.cmp_block, v_head_dim)
+        self.k_phi = Compressor(self.sparsity.cmp_block, self.head_dim)
+        self.v_phi = Compressor(self.sparsity.cmp_block, self.v_head_dim)
         self.gate = Gate(hidden_size, num_heads)
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):

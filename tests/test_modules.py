@@ -179,3 +179,22 @@ def test_dense_attention_varlen_and_cache():
     cache = nsa.NSACache()
     steps = [d(x[:, :9], cache=cache)] + [d(x[:, t:t + 1], cache=cache) for t in range(9, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), d(x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_module_needs_no_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import nsa\n"
+            "nsa.NativeSparseAttention(16, 2)\n"
+            "try:\n    nsa.NSAConfig\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'nsa[hf]'" in out.stdout
+
+
+def test_default_head_geometry():
+    m = NativeSparseAttention(32, 4, sparsity=SMALL)
+    assert (m.num_kv_heads, m.head_dim, m.v_head_dim) == (4, 8, 8)
+    assert m.k_phi.fc2.out_features == 8 and m(torch.randn(1, 20, 32)).shape == (1, 20, 32)

@@ -133,7 +133,9 @@ class NSAModel(NSAPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask must be all ones: NSA supports no padding; pack sequences with "
                              "cu_seqlens instead")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:
+            # A training step has no use for a cache: config.use_cache only applies in eval mode.
+            use_cache = self.config.use_cache and not self.training
         checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.layers)
         if checkpointing or cu_seqlens is not None:
             # A recomputed layer would append to the cache twice; packed sequences are not decoded.
