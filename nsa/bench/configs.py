@@ -95,6 +95,8 @@ class Plan:
     # would spend the run's time limit on figures that only confirm their quadratic growth.
     slow_baseline_max_t: int = 1 << 16
     guard_len: int = 4096
+    # The layer phase (projections, phi, gates around the core) at these lengths; None: every length.
+    layer_seqlens: tuple[int, ...] | None = None
     # Decode: one new token per sequence at these batch sizes and cache lengths, for these configurations.
     decode_configs: tuple[str, ...] = ("paper", "d128")
     decode_batches: tuple[int, ...] = (1, 16, 64)
@@ -119,7 +121,8 @@ def make_plan(mode: str) -> Plan:
     """The plan of `mode`: "full" and "quick" on a GPU, "tiny" on the reference (CPU, CI)."""
     if mode == "full":
         # B=8 at 8k holds as many tokens as 64k: the case of many short training sequences.
-        return Plan(FULL_CONFIGS, (8 * K, 16 * K, 32 * K, 64 * K, 128 * K), PHASES, extra=(("d128", 8, 8 * K),))
+        return Plan(FULL_CONFIGS, (8 * K, 16 * K, 32 * K, 64 * K, 128 * K), PHASES, extra=(("d128", 8, 8 * K),),
+                    layer_seqlens=(8 * K, 32 * K, 128 * K))
     if mode == "quick":
         return Plan(tuple(c for c in FULL_CONFIGS if c.name in ("paper", "fla")), (8 * K, 64 * K), PHASES,
                     slow_baseline_max_t=8 * K, decode_configs=("paper",), decode_batches=(1, 64),

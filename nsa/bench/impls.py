@@ -142,7 +142,7 @@ def sdpa_fn(backends, probe: tuple, causal: bool = True) -> tuple[Callable, str]
 
 
 def _probe(inputs: tuple, length: int = 256) -> tuple:
-    return tuple(x[:, :, :length].detach() for x in inputs)
+    return tuple(x[:, :, :length].detach().contiguous() for x in inputs)
 
 
 def build_sdpa(cfg: BenchConfig, batch: int, seqlen: int, device, dtype, backend: str) -> Built:
@@ -279,7 +279,7 @@ def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) 
     keys = tc + min(s.num_selected * s.slc_block, context) + w
     traffic = batch * cfg.hkv * keys * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
     flops = batch * cfg.hq * (2 * keys * (cfg.dk + cfg.dv) + 2 * tc * cfg.dk)
-    return Built(lambda q, gates, state: decode_attention(q, gates, state, s), [make()], (flops, 0),
+    return Built(lambda q, gates, state: decode_attention(q, gates, state, s), rotated(make), (flops, 0),
                  "nsa.cache.decode_attention", bytes_fwd=traffic)
 
 
@@ -289,7 +289,7 @@ def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype)
                 _leaf((batch, cfg.hkv, context, cfg.dk), device, dtype, False),
                 _leaf((batch, cfg.hkv, context, cfg.dv), device, dtype, False))
 
-    inputs = [make()]
+    inputs = rotated(make)
     # The new token is the last position: it sees the whole cache, so no causal mask; SDPA picks its backend.
     fn, note = sdpa_fn(list(_all_sdpa_backends()), inputs[0], causal=False)
     flops = 2 * batch * cfg.hq * context * (cfg.dk + cfg.dv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import time
@@ -76,13 +77,22 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def _commit() -> str | None:
+    """The checkout's commit, where the suite runs from a git working tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def environment(device: torch.device) -> dict:
     import triton
 
     env = {
         "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "fla": _version("fla-core"),
-        "nsa": _version("nsa"),
+        "triton": triton.__version__, "cuda": torch.version.cuda, "fla": _version("fla-core"), "commit": _commit(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

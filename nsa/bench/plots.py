@@ -18,9 +18,12 @@ def plot_all(results: dict, out: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import ScalarFormatter
+
     written = []
     for phase, title in TITLES.items():
-        rows = [r for r in results["rows"] if r["phase"] == phase and r["speedup"]]
+        reference = results["reference_baseline"]["train" if phase in TRAINING else phase]
+        rows = [r for r in results["rows"] if r["phase"] == phase and r["speedup"] and r["impl"] != reference]
         if not rows:
             continue
         configs = list(dict.fromkeys(r["config"] for r in rows))
@@ -34,15 +37,15 @@ def plot_all(results: dict, out: str) -> list[str]:
             for label, points in lines.items():
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-            ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+            ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label=f"{reference} (= 1)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.set_title(name)
             ax.set_xlabel("context T" if phase == "decode" else "T")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        kind = "train" if phase in TRAINING else phase
-        axes[0][0].set_ylabel(f"speedup over {results['reference_baseline'][kind]}")
+        axes[0][0].set_ylabel(f"speedup over {reference}")
         env = results["environment"]
         fig.suptitle(f"{title}: {env.get('gpu') or env.get('cpu')}, {results['dtype']}", fontsize=10)
         fig.tight_layout()

@@ -291,19 +291,21 @@ class Runner:
             self.measure(cfg, batch, context, "decode", impl, partial(build, *args))
 
     def jobs(self) -> list:
-        """(function, config, B, T, number of progress ticks) in the order they run."""
+        """(function, config, B, T, number of progress ticks) in the order they run: by tokens, so that a run
+        that spends its budget loses the longest cases of every phase rather than one phase entirely."""
         plan = self.plan
         n_train = sum(p in plan.phases for p in TRAINING)
+        layer_lengths = plan.layer_seqlens or plan.seqlens
         jobs = []
         for cfg, batch, seqlen in plan.cases():
             if n_train:
                 ticks = 1 + n_train * (4 + cfg.fla)
                 jobs.append((self.training_case, cfg, batch, seqlen, ticks))
-            if "layer" in plan.phases and batch == 1 and not cfg.pooled:
+            if "layer" in plan.phases and batch == 1 and not cfg.pooled and seqlen in layer_lengths:
                 jobs.append((self.layer_case, cfg, batch, seqlen, 2))
         if "decode" in plan.phases:
             jobs += [(self.decode_case, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
-        return jobs
+        return sorted(jobs, key=lambda job: job[3] * (1 if job[0] == self.decode_case else job[2]))
 
     def run(self) -> dict:
         jobs = self.jobs()
@@ -370,27 +372,52 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# Table columns: which side of a phase fills them (training, layer and decode name their sides differently).
+ROLES = {"nsa": ("nsa", "nsa_layer", "nsa_decode"), "dense": ("sdpa_cudnn", "sdpa_math", "dense_layer", "sdpa_decode"),
+         "flash": ("sdpa_flash",), "flex": ("flex",), "fla": ("fla",)}
+SHORT = {"skipped": "skip", "error": "ERR"}
+
+
 def table(results: dict) -> str:
-    """A compact text table of every row, grouped as run."""
-    header = ("config", "B", "T", "phase", "impl", "ms", "xref", "TFLOP/s", "%mm", "%bw", "peakGB", "note")
-    lines = []
+    """One line per (config, B, T, phase): NSA's and the dense reference's ms, every side's speedup over the
+    reference, and NSA's rate, shares of the ceilings and peak memory. Every figure is in bench.json."""
+    groups: dict[tuple, dict] = {}
     for r in results["rows"]:
-        note = r["note"] if r["status"] != "ok" else ""
-        if r["status"] != "ok":
-            note = f"{r['status']}: {note}"
-        lines.append((r["config"], str(r["B"]), str(r["T"]), r["phase"], r["impl"], _fmt(r["ms"], ".3f"),
-                      _fmt(r["speedup"], ".2f"), _fmt(r["TFLOPs"], ".1f"),
-                      _fmt(r["frac_matmul"] and 100 * r["frac_matmul"], ".0f"),
-                      _fmt(r["frac_copy"] and 100 * r["frac_copy"], ".0f"), _fmt(r["peak_GB"], ".2f"), note[:70]))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    out = [render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
+        groups.setdefault((r["config"], r["B"], r["T"], r["phase"]), {})[r["impl"]] = r
+    header = ("config", "B", "T", "phase", "NSA ms", "ref ms", "NSA x", "flash x", "flex x", "fla x", "TFLOP/s",
+              "%mm", "%bw", "peak GB")
+    lines = []
+    for (config, batch, seqlen, phase), by_impl in groups.items():
+        side = {role: next((by_impl[i] for i in impls if i in by_impl), None) for role, impls in ROLES.items()}
+
+        def speed(row):
+            if row is None:
+                return ""
+            return SHORT.get(row["status"]) or _fmt(row["speedup"], ".2f")
+
+        nsa_row, ref_row = side["nsa"] or {}, side["dense"] or {}
+        ms = lambda row: SHORT.get(row.get("status"), _fmt(row.get("ms"), ".3f")) if row else ""  # noqa: E731
+        pct = lambda x: _fmt(x and 100 * x, ".0f")  # noqa: E731
+        lines.append((config, str(batch), str(seqlen), phase, ms(nsa_row), ms(ref_row), speed(side["nsa"]),
+                      speed(side["flash"]), speed(side["flex"]), speed(side["fla"]),
+                      _fmt(nsa_row.get("TFLOPs"), ".1f"), pct(nsa_row.get("frac_matmul")),
+                      pct(nsa_row.get("frac_copy")), _fmt(nsa_row.get("peak_GB"), ".1f")))
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+    render = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     ceil = results.get("ceilings") or {}
     env = results["environment"]
-    out.insert(0, f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
-                  f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} "
-                  f"TFLOP/s  xref = speedup over {results['reference_baseline']['train']} (layer: dense layer, "
-                  "decode: SDPA)")
+    ref = results["reference_baseline"]
+    out = [f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
+           f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} TFLOP/s",
+           f"x = speedup over ref: {ref['train']} (layer: {ref['layer']}, decode: {ref['decode']}); "
+           "TFLOP/s, %mm (of matmul), %bw (of copy), peak GB are NSA's",
+           render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
+    errors = {}
+    for r in results["rows"]:
+        if r["status"] == "error":
+            errors.setdefault(f"{r['impl']}: {r['note']}", []).append(f"{r['config']}/{r['T']}/{r['phase']}")
+    for message, where in errors.items():
+        out.append(f"ERR {message[:160]} [{len(where)} rows, first {where[0]}]")
     failed = [c for c in results["checks"] if c["impl"] == "nsa" and not c.get("passed")]
     if failed:
         out.append(f"correctness guard FAILED for {len(failed)} case(s): " +
@@ -416,6 +443,7 @@ def select_plan(plan: Plan, args) -> Plan:
     if args.seqlens:
         changes["seqlens"] = tuple(args.seqlens)
         changes["decode_contexts"] = tuple(args.seqlens)
+        changes["layer_seqlens"] = None
     if args.phases:
         changes["phases"] = tuple(args.phases)
     return dataclasses.replace(plan, **changes)
