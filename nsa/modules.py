@@ -108,9 +108,9 @@ class Compressor(nn.Module):
 
     Each block gets a learned intra-block position encoding added before the MLP, so phi knows where in the
     block each key sits. The MLP reads the whole block flattened (l * D -> hidden -> D); its output is added to the
-    mean of the encoded block, which keeps a compressed token on the scale of a raw key at initialisation while the
-    MLP learns what to keep. Shared by the KV heads of a layer. All blocks go through one gather and one batched
-    matmul; there is no loop over blocks.
+    mean of the encoded block, so that at initialisation a compressed token is already a fair summary of its block
+    (mean pooling) and the MLP learns what to add. Shared by the KV heads of a layer. All blocks go through one
+    gather and one batched matmul; there is no loop over blocks.
 
     Args:
         block: l, the number of tokens per block.

@@ -182,6 +182,7 @@ def test_dense_attention_varlen_and_cache():
 
 
 def test_the_module_needs_no_transformers():
+    import pathlib
     import subprocess
     import sys
 
@@ -189,7 +190,8 @@ def test_the_module_needs_no_transformers():
             "import nsa\n"
             "nsa.NativeSparseAttention(16, 2)\n"
             "try:\n    nsa.NSAConfig\nexcept ImportError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
     assert "pip install 'nsa[hf]'" in out.stdout
 
