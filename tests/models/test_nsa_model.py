@@ -153,3 +153,10 @@ def test_presets_have_their_size(preset, low, high):
     embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     count = config.num_hidden_layers * layer + embeddings + config.hidden_size
     assert low < count < high, count
+
+
+def test_beam_search_with_the_cache_equals_beam_search_without():
+    m = model().double()
+    prompt = torch.randint(1, 101, (2, 19))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, num_beams=3, do_sample=False)
+    assert torch.equal(m.generate(prompt, **kwargs), m.generate(prompt, use_cache=False, **kwargs))
