@@ -1,6 +1,9 @@
 """Test set-up: Triton's CPU interpreter where there is no GPU, and torch.empty poisoned with NaN.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here and not inside a test.
+The interpreter holds every scalar as a one-element numpy array and turns a loop bound into an int with
+int(array), which numpy >= 2.4 refuses for arrays of one dimension: any `range(lo, hi)` whose bounds a kernel
+computes would fail there, so scalars convert through .item() instead.
 """
 
 import os
@@ -11,6 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton.runtime.interpreter as interpreter
+
+    _patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def _patch_scalar_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_scalar_index
 
 _empty, _empty_like = torch.empty, torch.empty_like
 
