@@ -1,0 +1,125 @@
+"""Block importance and top-n selection (nsa/ops/topk.py) against the float64 reference, tie-aware."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa import reference
+from nsa.config import SparsityConfig
+from nsa.ops.compressed import cmp_fwd
+from nsa.ops.topk import select_blocks
+from tests.ops.test_compressed import SMALL, cmp_inputs, cmp_reference
+
+
+def reference_scores(q, k_cmp, packed, cfg, scale):
+    """(S, idx) of the float64 reference, packed: S [N, HKV, Ns] with -inf past each sequence's blocks,
+    idx [N, HKV, n]."""
+    N, HKV = q.shape[0], k_cmp.shape[1]
+    Ns = cfg.num_slc(packed.max_len)
+    S = torch.full((N, HKV, Ns), float("-inf"), dtype=torch.float64, device=q.device)
+    idx = torch.empty(N, HKV, cfg.num_selected, dtype=torch.int32, device=q.device)
+    # Only the probabilities are needed: a 16-wide slice stands in for v_cmp and do.
+    *_, ps = cmp_reference(q, k_cmp, k_cmp[..., :16], q[..., :16], packed, cfg, scale, torch.float64)
+    for s0, s1, p in ps:
+        scores = reference.block_scores(p, s1 - s0, cfg)
+        S[s0:s1, :, : scores.shape[-1]] = scores[0]
+        idx[s0:s1] = reference.select_blocks(scores, cfg)[0]
+    return S, idx
+
+
+def positions(packed):
+    """[N] position of every packed token within its sequence."""
+    cu = packed.cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    return torch.arange(int(cu[-1]), device=cu.device) - torch.repeat_interleave(cu[:-1], lengths)
+
+
+def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
+    """idx must be SPEC 4's selection up to ties: ascending, -1 after the last, candidates only, the forced
+    blocks in, and where it differs from ref_idx the blocks swapped in and out tie within rtol of the row's
+    largest score."""
+    assert idx.dtype == torch.int32 and idx.shape == ref_idx.shape
+    valid = idx >= 0
+    assert torch.equal(valid.sum(-1), (ref_idx >= 0).sum(-1)), "a different number of blocks was selected"
+    assert not (valid[..., 1:] & ~valid[..., :-1]).any(), "-1 must come after the last selected block"
+    assert ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all(), "selected blocks must ascend"
+    t = positions(packed)[:, None, None]
+    assert ((idx * cfg.slc_block <= t) | ~valid).all(), "a block that is no candidate (j*l' > t) was selected"
+    Ns = S.shape[-1]
+    j = torch.arange(Ns, device=S.device)
+    jt = t // cfg.slc_block
+    forced = (j * cfg.slc_block <= t) & ((j < cfg.num_init) | ((j <= jt) & (j > jt - cfg.num_local)))
+    mine = reference.selection_mask(idx, Ns)
+    ref = reference.selection_mask(ref_idx, Ns)
+    assert not (forced & ~mine).any(), "a forced block is missing"
+    swapped_in = torch.where(mine & ~ref, S, float("inf")).amin(-1)
+    swapped_out = torch.where(ref & ~mine, S, float("-inf")).amax(-1)
+    tol = rtol * S.clamp_min(0).amax(-1).clamp_min(1.0)
+    bad = swapped_out - swapped_in > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} rows select a block scored below one they left out by more than rounding, "
+        f"worst gap {(swapped_out - swapped_in).max().item():.3e}"
+    )
+
+
+# (lengths, batch, HQ, HKV, DK, cfg): selections with more candidates than slots, T < l, a batch of 2,
+# varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l'.
+CASES = [
+    pytest.param([1200], None, 4, 2, 16, SparsityConfig(), id="paper-knobs-G2"),
+    pytest.param([20], None, 3, 1, 16, SparsityConfig(), id="T-below-l-G3"),
+    pytest.param(None, (2, 150), 2, 2, 16, SMALL, id="batch2-G1"),
+    pytest.param([37, 0, 201, 9], None, 8, 2, 32, SMALL, id="varlen-G4"),
+    pytest.param([130], None, 16, 1, 16, SMALL, id="G16"),
+    pytest.param([99], None, 8, 1, 16, SparsityConfig(16, 8, 48, 3, 0, 0), id="G8-slc48-nothing-forced"),
+    pytest.param([150], None, 6, 1, 16, SparsityConfig(32, 16, 32, 5, 1, 1), id="G6-l-equals-slc"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths, batch, HQ, HKV, DK, cfg", CASES)
+def test_select_blocks_matches_reference(lengths, batch, HQ, HKV, DK, cfg, dtype):
+    q, k_cmp, v_cmp, _, packed = cmp_inputs(lengths, HQ, HKV, DK, 16, cfg, dtype, batch=batch)
+    scale = DK ** -0.5
+    _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
+    idx = select_blocks(q, k_cmp, lse, packed, cfg, scale)
+    S, ref_idx = reference_scores(q, k_cmp, packed, cfg, scale)
+    assert_same_selection(idx, ref_idx, S, packed, cfg)
+
+
+def test_tie_check_can_fail():
+    """The tie-aware check rejects a selection that swaps a clearly better block for a worse one."""
+    cfg = SMALL
+    q, k_cmp, v_cmp, _, packed = cmp_inputs([200], 2, 1, 16, 16, cfg, torch.float32)
+    S, ref_idx = reference_scores(q, k_cmp, packed, cfg, 0.25)
+    t = positions(packed)
+    worse = ref_idx.clone()
+    row = int((t >= 6 * cfg.slc_block).nonzero()[0])
+    chosen = set(ref_idx[row, 0].tolist())
+    left_out = [j for j in range(cfg.num_slc(200)) if j * cfg.slc_block <= row and j not in chosen]
+    drop = max((j for j in chosen if j not in (0, row // cfg.slc_block, row // cfg.slc_block - 1)), key=lambda j: S[row, 0, j])
+    worst = min(left_out, key=lambda j: S[row, 0, j])
+    assert S[row, 0, drop] > S[row, 0, worst] * (1 + 1e-3)
+    worse[row, 0] = torch.tensor(sorted(chosen - {drop} | {worst}), dtype=torch.int32)
+    with pytest.raises(AssertionError, match="scored below"):
+        assert_same_selection(worse, ref_idx, S, packed, cfg)
+
+
+def test_select_blocks_rejects_bad_lse():
+    cfg = SparsityConfig()
+    q, k_cmp, v_cmp, _, packed = cmp_inputs([70], 4, 2, 16, 16, cfg, torch.float32)
+    with pytest.raises(ValueError, match="lse"):
+        select_blocks(q, k_cmp, torch.zeros(70, 4, dtype=torch.float16), packed, cfg, 0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes and bfloat16 need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, HQ, HKV, DK", [(8192, 64, 4, 192), (8192, 16, 1, 128), (5001, 12, 2, 64)])
+def test_select_blocks_real_shapes_on_gpu(T, HQ, HKV, DK, dtype):
+    cfg = SparsityConfig()
+    q, k_cmp, v_cmp, _, packed = cmp_inputs([T // 3, T - T // 3], HQ, HKV, DK, 64, cfg, dtype, device="cuda")
+    scale = DK ** -0.5
+    _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
+    idx = select_blocks(q, k_cmp, lse, packed, cfg, scale)
+    S, ref_idx = reference_scores(q, k_cmp, packed, cfg, scale)
+    assert_same_selection(idx, ref_idx, S, packed, cfg)
