@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after which rows not yet started are skipped (default 480 full, 100 quick)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    parser.add_argument("--backend", choices=("reference", "triton"),
+                        help="nsa_attention's backend (default: triton on a GPU, reference elsewhere)")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny reference pass that runs without a GPU, even where there is one")
 

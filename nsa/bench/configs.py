@@ -75,7 +75,7 @@ FULL_CONFIGS = (
 
 # The same four, shrunk so that the reference runs them on a CPU in seconds.
 TINY_CONFIGS = (
-    BenchConfig("paper", 4, 1, 24, 16, SparsityConfig(8, 4, 16, 4, 1, 2, 32), note="tiny stand-in for paper"),
+    BenchConfig("paper", 4, 1, 32, 16, SparsityConfig(8, 4, 16, 4, 1, 2, 32), note="tiny stand-in for paper"),
     BenchConfig("d128", 4, 1, 16, 16, SparsityConfig(8, 4, 16, 4, 1, 2, 32), note="tiny stand-in for d128"),
     BenchConfig("g4", 4, 2, 16, 16, SparsityConfig(8, 4, 16, 4, 1, 2, 32), note="tiny stand-in for g4"),
     BenchConfig("fla", 4, 1, 16, 16, SparsityConfig(16, 16, 16, 4, 1, 2, 1), pooled=True, window_gate=False,
@@ -128,7 +128,7 @@ def make_plan(mode: str) -> Plan:
                     slow_baseline_max_t=8 * K, decode_configs=("paper",), decode_batches=(1, 64),
                     decode_contexts=(8 * K, 64 * K))
     if mode == "tiny":
-        return Plan(TINY_CONFIGS, (64, 128), PHASES, extra=(("d128", 2, 64),), guard_len=96,
+        return Plan(TINY_CONFIGS, (64, 128), PHASES, extra=(("d128", 2, 128),), guard_len=96,
                     decode_configs=("paper",), decode_batches=(1, 2), decode_contexts=(128,))
     raise ValueError(f"mode must be full, quick or tiny, got {mode!r}")
 

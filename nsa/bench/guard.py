@@ -39,7 +39,8 @@ def _split(cfg: BenchConfig, inputs: tuple) -> tuple:
 def _prefix(cfg: BenchConfig, inputs: tuple, length: int) -> tuple:
     tc = cfg.sparsity.num_cmp(length)
     q, k, v, k_cmp, v_cmp, gates = _split(cfg, inputs)
-    return (q[:, :length], k[:, :length], v[:, :length], k_cmp[:, :tc], v_cmp[:, :tc], gates[:, :length])
+    return tuple(x[:, :n].contiguous() for x, n in ((q, length), (k, length), (v, length), (k_cmp, tc), (v_cmp, tc),
+                                                       (gates, length)))
 
 
 def _reference(cfg: BenchConfig, parts: tuple, dtype, idx) -> torch.Tensor:
@@ -135,7 +136,7 @@ def check_fla(cfg: BenchConfig, inputs: tuple, guard_len: int) -> dict:
 
     q, k, v, gates = (x.detach() for x in inputs)
     length = min(q.shape[1], guard_len)
-    q, k, v, gates = q[:, :length], k[:, :length], v[:, :length], gates[:, :length]
+    q, k, v, gates = (x[:, :length].contiguous() for x in (q, k, v, gates))
     s = cfg.sparsity
     k_cmp, v_cmp = mean_pool(k, s.cmp_block), mean_pool(v, s.cmp_block)
     idx = parallel_nsa_topk(q=q, k=k_cmp, lse=None, TK=length, block_counts=s.num_selected, block_size=s.slc_block,

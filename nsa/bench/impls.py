@@ -269,18 +269,20 @@ def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) 
     tc = s.num_cmp(context)
 
     def make():
-        k = _leaf((batch, context, cfg.hkv, cfg.dk), device, dtype, False)
-        v = _leaf((batch, context, cfg.hkv, cfg.dv), device, dtype, False)
-        state = StepState(k, v, _leaf((batch, tc, cfg.hkv, cfg.dk), device, dtype, False),
-                          _leaf((batch, tc, cfg.hkv, cfg.dv), device, dtype, False), k[:, -w:], v[:, -w:], context - 1)
+        # Flat tensors (not a StepState), so that rotated() sees the cache's size.
         return (_leaf((batch, 1, cfg.hq, cfg.dk), device, dtype, False), nsa_gates(cfg, batch, 1, device, dtype, False),
-                state)
+                _leaf((batch, context, cfg.hkv, cfg.dk), device, dtype, False),
+                _leaf((batch, context, cfg.hkv, cfg.dv), device, dtype, False),
+                _leaf((batch, tc, cfg.hkv, cfg.dk), device, dtype, False),
+                _leaf((batch, tc, cfg.hkv, cfg.dv), device, dtype, False))
+
+    def fn(q, gates, k, v, k_cmp, v_cmp):
+        return decode_attention(q, gates, StepState(k, v, k_cmp, v_cmp, k[:, -w:], v[:, -w:], context - 1), s)
 
     keys = tc + min(s.num_selected * s.slc_block, context) + w
     traffic = batch * cfg.hkv * keys * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
     flops = batch * cfg.hq * (2 * keys * (cfg.dk + cfg.dv) + 2 * tc * cfg.dk)
-    return Built(lambda q, gates, state: decode_attention(q, gates, state, s), rotated(make), (flops, 0),
-                 "nsa.cache.decode_attention", bytes_fwd=traffic)
+    return Built(fn, rotated(make), (flops, 0), "nsa.cache.decode_attention", bytes_fwd=traffic)
 
 
 def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:

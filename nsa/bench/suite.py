@@ -95,11 +95,10 @@ def time_phase(built: impls.Built, phase: str, s: Settings) -> dict:
     with grad_context:
         ms = bench_ms(step, s.device, s.warmup, s.rep)
     flops = _phase_flops(built.flops, phase)
-    if phase == "decode":
-        traffic = built.bytes_fwd
+    if phase in ("fwd", "decode"):
+        traffic = built.bytes_fwd or in_bytes + out_bytes
     else:
-        traffic = {"fwd": in_bytes + out_bytes, "bwd": 2 * in_bytes + 2 * out_bytes,
-                   "fwdbwd": 3 * in_bytes + 3 * out_bytes}.get(phase, 3 * in_bytes + 3 * out_bytes)
+        traffic = (2 if phase == "bwd" else 3) * (in_bytes + out_bytes)
     row = {"ms": ms, "flops": flops, "bytes": traffic, "copies": len(calls)}
     row["TFLOPs"] = flops / ms / 1e9 if flops else None
     row["GBps"] = traffic / ms / 1e6 if traffic else None
@@ -427,8 +426,9 @@ def table(results: dict) -> str:
 
 def settings(device: torch.device, args) -> Settings:
     cuda = device.type == "cuda"
-    return Settings(device, torch.bfloat16 if cuda else torch.float32, "triton" if cuda else "reference",
-                    args.warmup, args.rep, args.budget, args.out)
+    backend = args.backend or ("triton" if cuda else "reference")
+    return Settings(device, torch.bfloat16 if cuda else torch.float32, backend, args.warmup, args.rep, args.budget,
+                    args.out)
 
 
 def select_plan(plan: Plan, args) -> Plan:
