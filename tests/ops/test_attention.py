@@ -1,0 +1,132 @@
+"""nsa_attention(backend="triton") against the float64 reference: output, selection and every gradient.
+
+Through Triton's CPU interpreter in CI (tiny shapes, float32/float16); at real shapes and bf16 on a GPU.
+Outputs and gradients are compared under the kernel's own selection (passed to the reference), and the
+selection itself against the reference's, tie-aware.
+"""
+
+import math
+
+import pytest
+import torch
+
+import nsa
+from nsa import SparsityConfig, reference
+from tests.inputs import knobs, make_inputs
+from tests.tolerance import assert_same_selection, assert_within_rule
+
+NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "gates", "k_win", "v_win")
+TINY = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, num_init=1, num_local=1, window=24)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference_scores(args, cfg, scale):
+    """The float64 reference's block scores S [1 or B, T, HKV, max Ns] (zero-padded across packed sequences)."""
+    cu = args.get("cu_seqlens")
+    bounds = [(0, args["q"].shape[1])] if cu is None else list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    pieces, c0 = [], 0
+    Ns = max(cfg.num_slc(t1 - t0) for t0, t1 in bounds)
+    for t0, t1 in bounds:
+        T = t1 - t0
+        c1 = c0 + cfg.num_cmp(T)
+        q = args["q"][:, t0:t1].double()
+        B, _, HQ, DK = q.shape
+        HKV = args["k"].shape[2]
+        k_cmp, v_cmp = args["k_cmp"][:, c0:c1].double(), args["v_cmp"][:, c0:c1].double()
+        pos = torch.arange(T, device=q.device)
+        visible = (torch.arange(c1 - c0, device=q.device) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= pos[:, None] + 1
+        _, p = reference.masked_attention(q.view(B, T, HKV, HQ // HKV, DK), k_cmp, v_cmp, visible[None, :, None].expand(B, T, HKV, -1), scale)
+        S = reference.block_scores(p, T, cfg)
+        pieces.append(torch.nn.functional.pad(S, (0, Ns - S.shape[-1])))
+        c0 = c1
+    return torch.cat(pieces, dim=1)
+
+
+def run_reference(args, grads_of, idx, cfg, scale, dtype):
+    inputs = {n: args[n].detach().to(dtype).requires_grad_() for n in NAMES}
+    o, _ = reference.nsa_attention(*(inputs[n] for n in NAMES), cfg, scale, args.get("cu_seqlens"), block_indices=idx)
+    return o, torch.autograd.grad(o, [inputs[n] for n in NAMES], grads_of.to(dtype))
+
+
+def check(B, T, HQ, HKV, DK, DV, cfg, dtype, seqlens=None):
+    args = make_inputs(B, T, HQ, HKV, DK, DV, cfg, dtype=dtype, device=DEVICE, seqlens=seqlens)
+    for n in NAMES:
+        args[n].requires_grad_(True)
+    scale = 1 / math.sqrt(DK)
+    o, idx = nsa.nsa_attention(**args, **knobs(cfg), return_indices=True, backend="triton")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, [args[n] for n in NAMES], do)
+
+    _, idx_ref = reference.nsa_attention(*(args[n].detach().double() for n in NAMES), cfg, scale, args.get("cu_seqlens"))
+    assert_same_selection(idx.cpu(), idx_ref.cpu(), reference_scores(args, cfg, scale).cpu(), cfg,
+                          rtol=1e-5 if dtype == torch.float32 else 2e-2)
+
+    o64, g64 = run_reference(args, do, idx, cfg, scale, torch.float64)
+    o_low, g_low = run_reference(args, do, idx, cfg, scale, dtype)
+    assert o.dtype == dtype
+    assert_within_rule("o", o, o_low, o64, factor=2.0)
+    for name, g, lo, ref in zip(NAMES, grads, g_low, g64):
+        assert_within_rule(f"d{name}", g, lo, ref, factor=3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "B, T, HQ, HKV, DK, DV, seqlens",
+    [
+        (2, 99, 4, 2, 32, 16, None),           # batch 2, odd T, DK != DV, G = 2
+        (1, 130, 3, 1, 16, 32, None),          # G = 3 (padded), T not a multiple of any block
+        (1, 123, 8, 1, 16, 16, [57, 10, 56]),  # varlen with a sequence shorter than cmp_block, G = 8
+    ],
+)
+def test_triton_matches_reference(B, T, HQ, HKV, DK, DV, seqlens, dtype):
+    check(B, T, HQ, HKV, DK, DV, TINY, dtype, seqlens)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    args = make_inputs(1, 90, 4, 1, 16, 16, TINY, dtype=torch.float32, device=DEVICE)
+    for n in NAMES:
+        args[n].requires_grad_(True)
+    do = torch.randn(1, 90, 4, 16, device=DEVICE)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(nsa.nsa_attention(**args, **knobs(TINY), backend="triton"), [args[n] for n in NAMES], do)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a, b), f"d{name} differs between two deterministic runs"
+
+
+def test_float64_is_refused_by_the_triton_backend():
+    args = make_inputs(1, 20, 2, 1, 16, 16, TINY, device=DEVICE)
+    with pytest.raises(TypeError, match="triton backend takes float16, bfloat16 or float32"):
+        nsa.nsa_attention(**args, **knobs(TINY), backend="triton")
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real shapes, bfloat16)")
+
+
+@gpu
+@pytest.mark.parametrize(
+    "T, HQ, HKV, DK, DV",
+    [(4096, 64, 4, 192, 128), (2048, 32, 8, 128, 128), (3000, 16, 16, 64, 64), (2500, 12, 2, 128, 64)],
+)
+def test_triton_matches_reference_on_gpu(T, HQ, HKV, DK, DV):
+    check(1, T, HQ, HKV, DK, DV, SparsityConfig(), torch.bfloat16)
+
+
+@gpu
+def test_opcheck_and_fullgraph_compile():
+    cfg = SparsityConfig()
+    args = make_inputs(1, 1024, 16, 2, 64, 64, cfg, dtype=torch.bfloat16, device="cuda")
+    from nsa.ops.attention import _KNOBS, attention_fwd
+
+    knob_list = [getattr(cfg, n) for n in _KNOBS]
+    inputs = [args[n].requires_grad_(True) for n in NAMES]
+    torch.library.opcheck(attention_fwd, (*inputs, None, knob_list, 0.125))
+
+    def layer(q, k, v, k_cmp, v_cmp, gates, k_win, v_win):
+        return nsa.nsa_attention(q, k, v, k_cmp, v_cmp, gates, k_win=k_win, v_win=v_win, backend="triton") * 2
+
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), layer(*inputs))
