@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: environment, the kernel tests at real shapes, then the benchmark.
+# Usage (from the repository root): bash benchmarks/gpu_check.sh [pytest args] -- [nsa bench args]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+pytest_args=(); bench_args=(); seen=0
+for a in "$@"; do
+  if [ "$a" = "--" ]; then seen=1; elif [ $seen = 0 ]; then pytest_args+=("$a"); else bench_args+=("$a"); fi
+done
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv | tee "$OUT/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+if [ ${#pytest_args[@]} -gt 0 ]; then
+  python3 -m pytest -q -ra -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/tests.log" | tail -n 60
+fi
+if [ ${#bench_args[@]} -gt 0 ]; then
+  python3 -m nsa.bench "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log" | tail -n 80
+fi
