@@ -1,0 +1,192 @@
+"""The decode kernels (nsa/ops/decode.py): each new query gets what the float64 reference gives its position over
+the same prefix; selections tie-aware; contiguous, paged and ring-window caches agree; CUDA-graph replay on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nsa import reference
+from nsa.config import SparsityConfig
+from nsa.ops.decode import nsa_decode
+from tests.tolerance import assert_same_selection, assert_within_rule
+
+SMALL = SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
+# l = d = l': every compressed token lies in exactly one selection block; and a wide window.
+FLAT = SparsityConfig(cmp_block=16, cmp_stride=16, slc_block=16, num_selected=3, num_init=1, num_local=1, window=40)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, separate_win=True):
+    """Random full-length tensors (float64) of B sequences and their decode inputs: sequence b holds lengths[b]
+    tokens after this step's C; everything past a sequence's end is noise the kernel must ignore. Without
+    separate_win the window branch reads k, v (a layout without a window ring)."""
+    B = len(lengths)
+    rnd = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    full = dict(q=rnd(B, capacity, HQ, DK), k=rnd(B, capacity, HKV, DK), v=rnd(B, capacity, HKV, DV),
+                k_cmp=rnd(B, capacity // cfg.cmp_stride, HKV, DK), v_cmp=rnd(B, capacity // cfg.cmp_stride, HKV, DV),
+                gates=torch.rand(B, capacity, HQ, 3, dtype=torch.float64),
+                k_win=rnd(B, capacity, HKV, DK), v_win=rnd(B, capacity, HKV, DV))
+    if not separate_win:
+        full["k_win"], full["v_win"] = full["k"], full["v"]
+    past = torch.tensor(lengths) - C
+    rows = past[:, None] + torch.arange(C)
+    take = lambda x: x[torch.arange(B)[:, None], rows]  # noqa: E731
+    return full, past, take(full["q"]), take(full["gates"])
+
+
+def reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=None):
+    """(o [B, C, HQ, DV], idx, scores [per sequence]) of the reference in `dtype` at each sequence's last C rows."""
+    outs, idxs, scores = [], [], []
+    for b, L in enumerate(lengths):
+        x = {name: t[b:b + 1, :L].to(dtype) for name, t in full.items()}
+        tc = cfg.num_cmp(L)
+        x["k_cmp"], x["v_cmp"] = full["k_cmp"][b:b + 1, :tc].to(dtype), full["v_cmp"][b:b + 1, :tc].to(dtype)
+        rows = torch.arange(L - C, L)
+        bi = None if block_indices is None else block_indices[b:b + 1]
+        o, idx = reference.nsa_forward(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], x["k_win"],
+                                       x["v_win"], cfg, scale, block_indices=bi, rows=rows)
+        outs.append(o)
+        idxs.append(idx)
+        HKV, G = x["k"].shape[2], x["q"].shape[2] // x["k"].shape[2]
+        qg = x["q"][:, rows].view(1, C, HKV, G, -1)
+        visible = (torch.arange(tc) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= rows[:, None] + 1
+        p = reference.masked_attention(qg, x["k_cmp"], x["v_cmp"], visible[None, :, None].expand(1, C, HKV, tc), scale)[1]
+        scores.append(reference.block_scores(p, L, cfg))
+    return torch.cat(outs), torch.cat(idxs), scores
+
+
+def window_ring(full, lengths, size):
+    """[B, size, HKV, D] rings: token s at slot s % size for the last `size` tokens of each sequence; the rest noise."""
+    k_ring = torch.randn(len(lengths), size, *full["k_win"].shape[2:], dtype=torch.float64)
+    v_ring = torch.randn(len(lengths), size, *full["v_win"].shape[2:], dtype=torch.float64)
+    for b, L in enumerate(lengths):
+        s = torch.arange(max(0, L - size), L)
+        k_ring[b, s % size], v_ring[b, s % size] = full["k_win"][b, s], full["v_win"][b, s]
+    return k_ring, v_ring
+
+
+def paged(x, page, generator):
+    """x [B, S_cap, H, D] scattered over shuffled pages: (pool [B*S_cap/page + 1, page, H, D], block_table)."""
+    B, S = x.shape[:2]
+    n = B * S // page
+    perm = torch.randperm(n + 1, generator=generator)[:n]
+    pool = torch.randn(n + 1, page, *x.shape[2:], dtype=x.dtype)
+    pool[perm] = x.reshape(n, page, *x.shape[2:])
+    return pool, perm.view(B, S // page).to(torch.int32)
+
+
+def run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capacity):
+    to = lambda x: x.to(device=DEVICE, dtype=dtype)  # noqa: E731
+    kw = {}
+    k, v = full["k"], full["v"]
+    if layout in ("paged", "paged_ring"):
+        g = torch.Generator().manual_seed(1)
+        (k, bt), (v, _) = paged(k, 16, g), paged(v, 16, g.manual_seed(1))
+        kw["block_table"] = bt.to(DEVICE)
+    if layout in ("ring", "paged_ring"):
+        k_ring, v_ring = window_ring(full, lengths, cfg.window + C - 1 + 3)
+        kw.update(k_win=to(k_ring), v_win=to(v_ring))
+    return nsa_decode(to(q), to(gates), to(k), to(v), to(full["k_cmp"]), to(full["v_cmp"]),
+                      past.to(device=DEVICE, dtype=torch.int32), cfg, scale, return_indices=True, **kw)
+
+
+CASES = [
+    # cfg, lengths, C, HQ, HKV, DK, DV, capacity, layout
+    (SMALL, [600, 301, 37, 5], 1, 6, 2, 32, 16, 640, "ring"),
+    (SMALL, [600, 130], 1, 4, 4, 16, 32, 640, "contiguous"),
+    (SMALL, [257, 40], 3, 8, 1, 16, 16, 320, "paged_ring"),
+    (FLAT, [150, 99, 17], 2, 3, 1, 32, 16, 160, "paged"),
+    (SMALL, [70], 9, 16, 1, 16, 16, 96, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}")
+def test_decode_equals_reference_at_the_new_positions(case, dtype):
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity, layout = case
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, "ring" in layout)
+    scale = DK ** -0.5
+    o, idx = run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capacity)
+    o, idx = o.cpu(), idx.cpu()
+    _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
+    for b, L in enumerate(lengths):
+        # Pad to the sequence's length so that the check reads each row's position from its index.
+        full_idx = torch.full((1, L, HKV, cfg.num_selected), -1, dtype=torch.int32)
+        full_ref = full_idx.clone()
+        full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
+        full_scores = torch.zeros(1, L, HKV, cfg.num_slc(L), dtype=torch.float64)
+        full_scores[:, L - C:] = scores[b]
+        assert_same_selection(full_idx, full_ref, full_scores, cfg)
+    # Outputs under the kernel's selection (identical to the reference's up to ties).
+    oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
+    low = reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=idx)[0]
+    assert_within_rule("o", o, low, oracle, 2)
+
+
+def test_layouts_agree_exactly():
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [300, 61], 2, 4, 2, 16, 16, 320
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32, separate_win=False)
+    outs = [run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, layout, capacity)
+            for layout in ("contiguous", "paged", "ring", "paged_ring")]
+    for o, idx in outs[1:]:
+        assert torch.equal(idx, outs[0][1])
+        torch.testing.assert_close(o, outs[0][0], rtol=1e-6, atol=1e-6)
+
+
+def test_refuses_a_short_window_ring():
+    full, past, q, gates = make_cache([40], 1, 2, 1, 16, 16, SMALL, 64, torch.float32)
+    f = lambda x: x.float()  # noqa: E731
+    with pytest.raises(ValueError, match="window ring k_win must hold"):
+        nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]),
+                   past.int(), SMALL, k_win=f(full["k_win"][:, :10]), v_win=f(full["v_win"][:, :10]))
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]), past, SMALL)
+
+
+PAPER = SparsityConfig()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at the paper's shapes and CUDA graphs need a GPU")
+@pytest.mark.parametrize("lengths", [[8192], [65536, 4099, 777, 40000], [131072]])
+def test_paper_shapes_bf16_on_gpu(lengths):
+    C, HQ, HKV, DK, DV = 1, 64, 4, 192, 128
+    capacity = max(lengths)
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, capacity, torch.bfloat16)
+    scale = DK ** -0.5
+    o, idx = run_decode(full, past, q, gates, lengths, C, PAPER, torch.bfloat16, scale, "ring", capacity)
+    o, idx = o.cpu(), idx.cpu()
+    _, idx_ref, scores = reference_rows(full, lengths, C, PAPER, torch.float64, scale)
+    for b, L in enumerate(lengths):
+        full_idx = torch.full((1, L, HKV, PAPER.num_selected), -1, dtype=torch.int32)
+        full_ref = full_idx.clone()
+        full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
+        full_scores = torch.zeros(1, L, HKV, PAPER.num_slc(L), dtype=torch.float64)
+        full_scores[:, L - C:] = scores[b]
+        assert_same_selection(full_idx, full_ref, full_scores, PAPER, rtol=1e-3)
+    oracle = reference_rows(full, lengths, C, PAPER, torch.float64, scale, block_indices=idx)[0]
+    low = reference_rows(full, lengths, C, PAPER, torch.bfloat16, scale, block_indices=idx)[0]
+    assert_within_rule("o", o, low, oracle, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_equals_eager():
+    lengths, C, HQ, HKV, DK, DV = [5000, 300, 2049], 1, 64, 4, 192, 128
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, 8192, torch.bfloat16)
+    cu = lambda x: x.to("cuda", torch.bfloat16)  # noqa: E731
+    args = [cu(q), cu(gates), cu(full["k"]), cu(full["v"]), cu(full["k_cmp"]), cu(full["v_cmp"]),
+            past.to("cuda", torch.int32)]
+    eager = nsa_decode(*args, PAPER)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        nsa_decode(*args, PAPER)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = nsa_decode(*args, PAPER)
+    # The step advances on the device only: new lengths and queries, then replay.
+    args[6].add_(1)
+    args[0].copy_(torch.randn_like(args[0]))
+    graph.replay()
+    torch.testing.assert_close(captured, nsa_decode(*args, PAPER), rtol=0, atol=0)
+    assert not torch.equal(captured, eager)
