@@ -1,17 +1,24 @@
 """NSACache: what decoding keeps per layer (SPEC.md, Decoding), and the attention of new tokens against it.
 
-Per layer the cache holds
-    - k, v [B, S, HKV, DK/DV]: the selected branch's keys (rotated) and values of every token so far;
-    - k_cmp, v_cmp [B, Tc(S), HKV, DK/DV]: the compressed tokens, grown by phi whenever a block completes
-      (one every d tokens once l are available);
-    - k_tail, v_tail [B, <=l, HKV, DK/DV] and pos_tail [B, <=l]: the last l raw (unrotated) tokens of the
-      compressed branch and their positions, all a block still to complete can need;
-    - k_win, v_win [B, <=w, HKV, DK/DV]: the last w window keys and values (absent when the window branch shares
-      the selected branch's, which k and v already hold).
-A dense attention layer uses the same object and fills only k and v.
+Per layer, for B sequences of possibly different lengths (seqlens [B] int32, on the device):
+    - k, v: the selected branch's keys (rotated) and values of every token, in page pools [num_pages, P, HKV, DK/DV]
+      addressed through block_table [B, max_pages] (flash_attn_with_kvcache's convention). A contiguous cache is
+      the case of one page per sequence (P = capacity, block_table = [[0], [1], ...]) and grows by doubling; a paged
+      cache has the pages and the table of its owner (a serving engine) and a fixed capacity.
+    - k_cmp, v_cmp [B, capacity // d + 1, HKV, DK/DV]: the compressed tokens, grown by phi whenever a block
+      completes (one every d tokens once l are available); the last row is scratch for blocks that did not.
+    - k_tail, v_tail [B, l, HKV, DK/DV], pos_tail [B, l]: the last l raw (unrotated) keys and values of the
+      compressed branch and their positions, as a ring (token s at slot s % l): all a block still to complete needs.
+    - k_win, v_win [B, w + RING_SLACK - 1, HKV, DK/DV]: the window branch's last keys and values as a ring (absent
+      when the window branch shares the selected branch's, which k and v already hold).
 
-This first version attends new tokens with the reference's building blocks over the cached tensors (one pass over
-the S cached keys per token); decode kernels replace decode_attention later.
+Memory per token and per layer (elements, times the dtype's bytes; the rings are a constant per sequence):
+HKV * (DK + DV) * (1 + 1/d) for the raw and compressed K/V, i.e. 1.0625 x a dense KV cache at the paper's d = 16
+(paper shapes, bf16: 4 * 320 * 2 * 1.0625 = 2720 bytes); plus per sequence HKV * (DK + DV) * (l + w + 15) for the
+tail and the window ring (when the window has its own K/V).
+
+Every update writes with device-side indices (no host synchronisation), so that a decode step with a paged or
+pre-sized cache can be captured in a CUDA graph. A dense attention layer uses the same object and fills k, v.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ import torch
 from .config import SparsityConfig
 from .reference import block_scores, masked_attention, selection_mask, select_blocks, stat_dtype
 
+# New tokens per step that the window ring serves directly (speculative decoding); longer chunks get a ring of
+# their own for the step.
+RING_SLACK = 16
+
 
 @dataclass
 class LayerCache:
@@ -30,6 +41,7 @@ class LayerCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    seqlens: torch.Tensor
     k_cmp: torch.Tensor | None = None
     v_cmp: torch.Tensor | None = None
     k_tail: torch.Tensor | None = None
@@ -38,55 +50,141 @@ class LayerCache:
     k_win: torch.Tensor | None = None
     v_win: torch.Tensor | None = None
 
-    @property
-    def length(self) -> int:
-        return self.k.shape[1]
-
 
 @dataclass
 class StepState:
-    """What one layer attends at one step: everything up to and including the C new tokens.
+    """What one layer attends at one step: its cache after the C new tokens were written.
 
-    k, v [B, S, HKV, D]; k_cmp, v_cmp [B, Tc(S), HKV, D]; k_win, v_win [B, W, HKV, D], the keys at sequence
-    indices S - W .. S - 1 (W >= min(S, w - 1 + C), enough for each new token's window); past = S - C.
+    past [B] int32 (device) and past_max (host): the tokens before the step; k_win, v_win: the window ring to
+    read (None: the raw k, v); k_cmp_new, v_cmp_new [B, ceil(C/d), HKV, D]: the compressed tokens phi made this
+    step, in block order (the first Tc(C) of them are a prefill's when past is 0).
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
-    k_cmp: torch.Tensor | None
-    v_cmp: torch.Tensor | None
-    k_win: torch.Tensor
-    v_win: torch.Tensor
-    past: int
+    layer: LayerCache
+    block_table: torch.Tensor
+    past: torch.Tensor
+    past_max: int
+    k_win: torch.Tensor | None
+    v_win: torch.Tensor | None
+    k_cmp_new: torch.Tensor | None = None
+    v_cmp_new: torch.Tensor | None = None
+
+    def contiguous_kv(self, length: int):
+        """k, v [B, length, HKV, D] of a contiguous cache (the dense layer's SDPA reads them)."""
+        if self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1:
+            raise NotImplementedError("dense attention reads a contiguous cache; a paged one is not supported")
+        return self.layer.k[:, :length], self.layer.v[:, :length]
 
 
-def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if old is None else torch.cat([old, new], dim=1)
+def gather_positions(ring: torch.Tensor, past: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The entries at absolute positions pos [B, K] of a sequence whose tokens before past [B] lie in `ring`
+    [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new` [B, C, ...]. Positions outside
+    both give an arbitrary entry (callers mask them)."""
+    B, R = ring.shape[:2]
+    rel = pos - past[:, None].long()
+    from_new = new[torch.arange(B, device=pos.device)[:, None], rel.clamp(0, new.shape[1] - 1)]
+    from_ring = ring[torch.arange(B, device=pos.device)[:, None], pos.clamp_min(0) % R]
+    keep = (rel >= 0).view(*rel.shape, *([1] * (new.dim() - 2)))
+    return torch.where(keep, from_new, from_ring)
+
+
+def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size]: the position each slot of a ring of `size` holds once a sequence has end [B] tokens (the last
+    `size` of them; negative where the sequence is shorter)."""
+    r = torch.arange(size, device=end.device)
+    last = end.long()[:, None] - 1
+    return last - (last - r) % size
 
 
 class NSACache:
     """The decoding cache of a stack of NativeSparseAttention (or dense) layers, one slot per layer_idx.
 
-    Every sequence of the batch has the same length (no padding). Not compileable: it grows by concatenation.
+    Args:
+        capacity: tokens per sequence to allocate up front (a contiguous cache then never reallocates, and a decode
+            step can be captured in a CUDA graph); default: grow by doubling.
+        block_table: int32 [B, max_pages] (device): a paged cache; page_size and num_pages are then required.
+        page_size: P, tokens per page (a multiple of every layer's cmp_stride).
+        num_pages: pages in each layer's pools.
     """
 
     is_compileable = False
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None, *, block_table: torch.Tensor | None = None,
+                 page_size: int | None = None, num_pages: int | None = None):
+        if block_table is not None:
+            if page_size is None or num_pages is None:
+                raise ValueError("a paged cache (block_table) needs page_size and num_pages")
+            if block_table.dtype != torch.int32 or block_table.dim() != 2:
+                raise ValueError(f"block_table must be int32 [B, max_pages], got {block_table.dtype} "
+                                 f"{tuple(block_table.shape)}")
+            capacity = block_table.shape[1] * page_size
+        self.capacity = capacity
+        self.block_table = block_table
+        self.page_size = page_size
+        self.num_pages = num_pages
         self.layers: list[LayerCache | None] = []
+        self.lengths: list[int] = []
 
     def __len__(self) -> int:
         return len(self.layers)
 
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """The number of tokens the layer has seen (0 for a layer not yet filled)."""
-        if layer_idx < len(self.layers) and self.layers[layer_idx] is not None:
-            return self.layers[layer_idx].length
-        return 0
+        """The tokens the layer has seen (the longest sequence's; 0 for a layer not yet filled)."""
+        return self.lengths[layer_idx] if layer_idx < len(self.lengths) else 0
+
+    def seqlens(self, layer_idx: int = 0) -> torch.Tensor | None:
+        """int32 [B] (device): each sequence's length in the layer, or None before its first update."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        return None if layer is None else layer.seqlens
+
+    def _allocate(self, k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, need):
+        B, _, HKV, DK = k.shape
+        DV = v.shape[-1]
+        kw = dict(dtype=k.dtype, device=k.device)
+        if self.paged:
+            pool = (self.num_pages, self.page_size)
+            table = self.block_table
+        else:
+            self.capacity = max(self.capacity or 0, need)
+            pool = (B, self.capacity)
+            table = torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
+        layer = LayerCache(torch.zeros(*pool, HKV, DK, **kw), torch.zeros(*pool, HKV, DV, **kw),
+                           torch.zeros(B, dtype=torch.int32, device=k.device))
+        if k_cmp_raw is not None:
+            l, d = sparsity.cmp_block, sparsity.cmp_stride
+            rows = self.capacity // d + 1
+            layer.k_cmp = torch.zeros(B, rows, HKV, DK, **kw)
+            layer.v_cmp = torch.zeros(B, rows, HKV, DV, **kw)
+            layer.k_tail = torch.zeros(B, l, HKV, DK, dtype=k_cmp_raw.dtype, device=k.device)
+            layer.v_tail = torch.zeros(B, l, HKV, DV, dtype=v_cmp_raw.dtype, device=k.device)
+            layer.pos_tail = torch.zeros(B, l, dtype=torch.long, device=k.device)
+            if k_win is not None:
+                ring = sparsity.window + RING_SLACK - 1
+                layer.k_win = torch.zeros(B, ring, HKV, DK, **kw)
+                layer.v_win = torch.zeros(B, ring, HKV, DV, **kw)
+        return layer, table
+
+    def _grow(self, layer: LayerCache, need: int, sparsity) -> None:
+        """Double a contiguous cache's capacity until `need` tokens fit (outside any captured graph)."""
+        capacity = self.capacity
+        while capacity < need:
+            capacity *= 2
+        grow = lambda x, n: torch.cat([x, x.new_zeros(x.shape[0], n - x.shape[1], *x.shape[2:])], dim=1)  # noqa: E731
+        layer.k, layer.v = grow(layer.k, capacity), grow(layer.v, capacity)
+        if layer.k_cmp is not None:
+            rows = capacity // sparsity.cmp_stride + 1
+            # The scratch row moves to the end; its content is never read.
+            layer.k_cmp, layer.v_cmp = grow(layer.k_cmp, rows), grow(layer.v_cmp, rows)
+        self.capacity = capacity
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, *, k_win=None, v_win=None, k_cmp_raw=None,
-               v_cmp_raw=None, position_ids=None, compress=None, sparsity: SparsityConfig | None = None) -> StepState:
-        """Append C new tokens to layer `layer_idx` and return what the layer attends at this step.
+               v_cmp_raw=None, position_ids=None, compress=None, sparsity: SparsityConfig | None = None,
+               lengths: torch.Tensor | None = None) -> StepState:
+        """Append C new tokens to every sequence of layer `layer_idx` and return what the layer attends.
 
         Args:
             k, v: [B, C, HKV, DK/DV] the selected branch's new keys (rotated) and values.
@@ -96,89 +194,173 @@ class NSACache:
             position_ids: [B, C] positions of the new tokens (phi rotates a compressed key at its block's last).
             compress: (k, v, position_ids, starts) -> (k_cmp, v_cmp), the module's phi (NativeSparseAttention.compress).
             sparsity: the layer's knobs.
+            lengths: int32 [B] (device), how many of the C tokens each sequence really appends (default all C):
+                sequences of different lengths in one batch; the outputs of the tokens past a sequence's count are
+                undefined.
         """
         while len(self.layers) <= layer_idx:
             self.layers.append(None)
+            self.lengths.append(0)
+        B, C, HKV, _ = k.shape
         layer = self.layers[layer_idx]
-        if layer is not None and (layer.k.shape[0], layer.k.shape[2:]) != (k.shape[0], k.shape[2:]):
-            raise ValueError(f"k must continue the cached [B, S, HKV, DK] = {tuple(layer.k.shape)}, got {tuple(k.shape)}")
-        past = 0 if layer is None else layer.length
-        new = LayerCache(_cat(None if layer is None else layer.k, k), _cat(None if layer is None else layer.v, v))
-        C = k.shape[1]
-        step_k_win, step_v_win = new.k, new.v
+        if layer is not None and (layer.seqlens.shape[0], layer.k.shape[2:]) != (B, k.shape[2:]):
+            raise ValueError(f"k must continue the cached batch of {layer.seqlens.shape[0]} sequences of "
+                             f"[HKV, DK] = {tuple(layer.k.shape[2:])}, got {tuple(k.shape)}")
+        if k_cmp_raw is not None and (compress is None or sparsity is None or position_ids is None):
+            raise ValueError("compressed keys need position_ids, compress (phi) and sparsity")
+        need = self.lengths[layer_idx] + C
+        if self.capacity is not None and need > self.capacity and self.paged:
+            raise ValueError(f"the paged cache holds {self.capacity} tokens per sequence; {need} needed")
+        if layer is None:
+            layer, table = self._allocate(k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, max(need, 2 * C, 256))
+            self.layers[layer_idx] = layer
+        else:
+            table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
+            if need > self.capacity:
+                self._grow(layer, need, sparsity)
+        past = layer.seqlens
+        end = past + (C if lengths is None else lengths.to(torch.int32))
+        P = layer.k.shape[1]
+        pos = past[:, None].long() + torch.arange(C, device=k.device)
+        rows = (table.long().gather(1, pos // P) * P + pos % P).flatten()
+        layer.k.view(-1, *k.shape[2:]).index_copy_(0, rows, k.flatten(0, 1).to(layer.k.dtype))
+        layer.v.view(-1, *v.shape[2:]).index_copy_(0, rows, v.flatten(0, 1).to(layer.v.dtype))
+        state = StepState(layer, table, past, self.lengths[layer_idx], None, None)
         if k_cmp_raw is not None:
-            if compress is None or sparsity is None or position_ids is None:
-                raise ValueError("compressed keys need position_ids, compress (phi) and sparsity")
-            l, d, w = sparsity.cmp_block, sparsity.cmp_stride, sparsity.window
-            k_buf = _cat(None if layer is None else layer.k_tail, k_cmp_raw)
-            v_buf = _cat(None if layer is None else layer.v_tail, v_cmp_raw)
-            pos_buf = _cat(None if layer is None else layer.pos_tail, position_ids)
-            # The blocks completed by the new tokens all start inside the buffer: each ends at a new token, and the
-            # buffer holds the l - 1 tokens before the first new one.
-            buf_start = past + C - k_buf.shape[1]
-            first, last = sparsity.num_cmp(past), sparsity.num_cmp(past + C)
-            starts = torch.arange(first, last, device=k.device) * d - buf_start
-            k_cmp, v_cmp = compress(k_buf, v_buf, pos_buf, starts)
-            new.k_cmp = _cat(None if layer is None else layer.k_cmp, k_cmp)
-            new.v_cmp = _cat(None if layer is None else layer.v_cmp, v_cmp)
-            new.k_tail, new.v_tail, new.pos_tail = k_buf[:, -l:], v_buf[:, -l:], pos_buf[:, -l:]
+            self._compress(layer, state, past, end, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
             if k_win is not None:
-                step_k_win = _cat(None if layer is None else layer.k_win, k_win)
-                step_v_win = _cat(None if layer is None else layer.v_win, v_win)
-                new.k_win, new.v_win = step_k_win[:, -w:], step_v_win[:, -w:]
-        self.layers[layer_idx] = new
-        return StepState(new.k, new.v, new.k_cmp, new.v_cmp, step_k_win, step_v_win, past)
+                state.k_win, state.v_win = self._window(layer, past, end, k_win, v_win, C, sparsity)
+        layer.seqlens = end
+        self.lengths[layer_idx] = need
+        return state
+
+    def _compress(self, layer, state, past, end, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
+        """phi over the blocks that end among the new tokens; the tail ring moves on."""
+        l, d = cfg.cmp_block, cfg.cmp_stride
+        B, C = k_raw.shape[:2]
+        nb = (C - 1) // d + 1
+        # Block i ends at i*d + l - 1: the first one ending at or after `past`, and the next nb - 1.
+        first = ((past.long() - l + 1).clamp_min(0) + d - 1) // d
+        i = first[:, None] + torch.arange(nb, device=k_raw.device)
+        done = i * d + l <= end[:, None]
+        token = (i * d)[:, :, None] + torch.arange(l, device=k_raw.device)
+        blocks = [gather_positions(ring, past, new, token.flatten(1))
+                  for ring, new in ((layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids))]
+        starts = torch.arange(nb, device=k_raw.device) * l
+        k_cmp, v_cmp = compress(*blocks, starts)
+        rows_per_seq = layer.k_cmp.shape[1]
+        # Blocks not complete yet go to the scratch row: each real row is written once, with no host check.
+        target = torch.where(done, i, rows_per_seq - 1) + torch.arange(B, device=i.device)[:, None] * rows_per_seq
+        layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target.flatten(), k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
+        layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target.flatten(), v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
+        state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp
+        tail = ring_positions(end, l)
+        layer.k_tail, layer.v_tail, layer.pos_tail = (gather_positions(ring, past, new, tail) for ring, new in (
+            (layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids)))
+
+    def _window(self, layer, past, end, k_win, v_win, C, cfg: SparsityConfig):
+        """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
+        size = cfg.window + C - 1
+        step = None
+        if size > layer.k_win.shape[1]:
+            at = ring_positions(end, size)
+            step = tuple(gather_positions(r, past, n, at) for r, n in ((layer.k_win, k_win), (layer.v_win, v_win)))
+        at = ring_positions(end, layer.k_win.shape[1])
+        layer.k_win, layer.v_win = (gather_positions(r, past, n.to(r.dtype), at)
+                                    for r, n in ((layer.k_win, k_win), (layer.v_win, v_win)))
+        return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep the batch rows beam_idx [B'] (beam search)."""
+        """Keep the batch rows beam_idx [B'] (beam search); a paged cache copies the pages' contents."""
         for layer in self.layers:
             if layer is None:
                 continue
             for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
+                if name in ("k", "v") and self.paged:
+                    table = self.block_table.long()
+                    value[table] = value[table[beam_idx.to(table.device)]]
+                elif isinstance(value, torch.Tensor):
                     setattr(layer, name, value.index_select(0, beam_idx.to(value.device)))
 
 
+def _sequence_view(state: StepState, b: int, length: int, window: int):
+    """(k, v, k_win, v_win) of sequence b's first `length` tokens, contiguous; the window ones cover the last
+    `window` tokens (k_win starts at position length - window)."""
+    layer = state.layer
+    P = layer.k.shape[1]
+    pos = torch.arange(length, device=layer.k.device)
+    rows = state.block_table[b].long()[pos // P] * P + pos % P
+    k, v = layer.k.flatten(0, 1)[rows][None], layer.v.flatten(0, 1)[rows][None]
+    if state.k_win is None:
+        return k, v, k[:, -window:], v[:, -window:]
+    s = torch.arange(max(0, length - window), length, device=k.device)
+    return k, v, state.k_win[b, s % state.k_win.shape[1]][None], state.v_win[b, s % state.k_win.shape[1]][None]
+
+
 def decode_attention(q: torch.Tensor, gates: torch.Tensor, state: StepState, cfg: SparsityConfig,
-                     scale: float | None = None, return_indices: bool = False):
-    """NSA of C new queries against a layer's cache, exactly as the training path gives those positions.
+                     scale: float | None = None, return_indices: bool = False, backend: str | None = None):
+    """NSA of C new queries per sequence against a layer's cache, exactly as the training path gives them.
 
     Args:
-        q: [B, C, HQ, DK] the new queries, at sequence indices state.past .. state.past + C - 1.
+        q: [B, C, HQ, DK] the new queries, at positions state.past[b] .. state.past[b] + C - 1.
         gates: [B, C, HQ, 3].
         state: the layer's StepState after the new tokens were appended.
         cfg: the layer's knobs.
         scale: softmax scale, default 1 / sqrt(DK).
         return_indices: also return idx [B, C, HKV, n], the selected blocks as nsa_attention returns them.
+        backend: "triton" (the fused decode kernels, nsa.ops.decode), "reference", or None (Triton for CUDA).
     Returns:
         o [B, C, HQ, DV] in q's dtype, or (o, idx).
     """
+    from .functional import resolve_backend
+
+    layer = state.layer
+    if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
+        from .ops.decode import nsa_decode
+
+        paged = layer.k.shape[0] != q.shape[0] or state.block_table.shape[1] != 1
+        return nsa_decode(q, gates, layer.k, layer.v, layer.k_cmp, layer.v_cmp, state.past, cfg, scale,
+                          k_win=state.k_win, v_win=state.v_win, block_table=state.block_table if paged else None,
+                          return_indices=return_indices)
     B, C, HQ, DK = q.shape
-    k, v, k_cmp, v_cmp = state.k, state.v, state.k_cmp, state.v_cmp
+    scale = DK ** -0.5 if scale is None else scale
+    outs, idxs = [], []
+    for b, past in enumerate(state.past.tolist()):
+        S = past + C
+        k, v, k_win, v_win = _sequence_view(state, b, S, cfg.window + C - 1)
+        tc = cfg.num_cmp(S)
+        o, idx = _attend(q[b:b + 1], gates[b:b + 1], k, v, layer.k_cmp[b:b + 1, :tc], layer.v_cmp[b:b + 1, :tc],
+                         k_win, v_win, past, cfg, scale)
+        outs.append(o)
+        idxs.append(idx)
+    o, idx = torch.cat(outs), torch.cat(idxs)
+    return (o, idx) if return_indices else o
+
+
+def _attend(q, gates, k, v, k_cmp, v_cmp, k_win, v_win, past: int, cfg: SparsityConfig, scale: float):
+    """The reference's building blocks for C queries at positions past .. past + C - 1 of one batch of equal-length
+    sequences: k, v [B, S, ...] all tokens; k_win, v_win the last W of them. Returns (o, idx)."""
+    B, C, HQ, DK = q.shape
     S, HKV = k.shape[1], k.shape[2]
     G = HQ // HKV
-    scale = DK ** -0.5 if scale is None else scale
     qg = q.view(B, C, HKV, G, DK)
-    t = torch.arange(state.past, S, device=q.device)[:, None]
+    t = torch.arange(past, S, device=q.device)[:, None]
 
     Tc = k_cmp.shape[1]
     cmp_visible = (torch.arange(Tc, device=q.device) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= t + 1
     o_cmp, p_cmp = masked_attention(qg, k_cmp, v_cmp, cmp_visible[None, :, None].expand(B, C, HKV, Tc), scale)
 
-    # select_blocks reads a query's position from its row: place the new rows after `past` empty ones.
-    scores = block_scores(p_cmp.detach(), S, cfg)
-    padded = torch.cat([scores.new_zeros(B, state.past, HKV, scores.shape[-1]), scores], dim=1)
-    idx = select_blocks(padded, cfg)[:, state.past:]
+    idx = select_blocks(block_scores(p_cmp.detach(), S, cfg), cfg, t[:, 0])
     selected = selection_mask(idx, cfg.num_slc(S)).repeat_interleave(cfg.slc_block, dim=-1)[..., :S]
     causal = torch.arange(S, device=q.device)[None, :] <= t
     o_slc = masked_attention(qg, k, v, selected & causal[None, :, None], scale)[0]
 
-    W = state.k_win.shape[1]
+    W = k_win.shape[1]
     s = torch.arange(S - W, S, device=q.device)[None, :]
     band = (s <= t) & (s > t - cfg.window)
-    o_win = masked_attention(qg, state.k_win, state.v_win, band[None, :, None].expand(B, C, HKV, W), scale)[0]
+    o_win = masked_attention(qg, k_win, v_win, band[None, :, None].expand(B, C, HKV, W), scale)[0]
 
     branches = torch.stack([o_cmp, o_slc, o_win], dim=-1)
     g = gates.view(B, C, HKV, G, 1, 3)
     o = (branches.to(stat_dtype(q.dtype)) * g.to(stat_dtype(q.dtype))).sum(-1).reshape(B, C, HQ, -1).to(q.dtype)
-    return (o, idx) if return_indices else o
+    return o, idx

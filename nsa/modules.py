@@ -283,8 +283,9 @@ class NativeSparseAttention(nn.Module):
                                  sparsity=self.sparsity)
             if past == 0:
                 # A prefill is the training path over the prompt: the fast kernels serve it.
-                o = nsa_attention(x["q"], state.k, state.v, state.k_cmp, state.v_cmp, x["gates"], k_win=k_win,
-                                  v_win=v_win, config=self.sparsity)
+                tc = self.sparsity.num_cmp(T)
+                o = nsa_attention(x["q"], x["k_slc"], x["v_slc"], state.k_cmp_new[:, :tc], state.v_cmp_new[:, :tc],
+                                  x["gates"], k_win=k_win, v_win=v_win, config=self.sparsity)
             else:
                 o = decode_attention(x["q"], x["gates"], state, self.sparsity)
         return self.o_proj(o.reshape(B, T, -1))
@@ -316,7 +317,8 @@ class DenseAttention(nn.Module):
         past = 0
         if cache is not None:
             state = cache.update(self.layer_idx, k, v)
-            k, v, past = state.k, state.v, state.past
+            past = state.past_max
+            k, v = state.contiguous_kv(past + T)
         allowed = None
         if past or cu_seqlens is not None:
             # Key s is visible to query t (sequence index past + t) iff s <= past + t, and with cu_seqlens only

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nsa
-from nsa.cache import NSACache, decode_attention
+from nsa.cache import RING_SLACK, NSACache, decode_attention
 from nsa.modules import NativeSparseAttention
 
 SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
@@ -54,8 +54,9 @@ def test_incremental_phi_and_selection_match_training_path():
         state = cache.update(0, new["k_slc"], new["v_slc"], k_win=new["k_win"], v_win=new["v_win"],
                              k_cmp_raw=new["k_cmp"], v_cmp_raw=new["v_cmp"], position_ids=pos[:, t:t + 1],
                              compress=m.compress, sparsity=SMALL)
-        torch.testing.assert_close(state.k_cmp, k_cmp[:, :SMALL.num_cmp(t + 1)], rtol=1e-12, atol=1e-13)
-        torch.testing.assert_close(state.v_cmp, v_cmp[:, :SMALL.num_cmp(t + 1)], rtol=1e-12, atol=1e-13)
+        tc = SMALL.num_cmp(t + 1)
+        torch.testing.assert_close(state.layer.k_cmp[:, :tc], k_cmp[:, :tc], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(state.layer.v_cmp[:, :tc], v_cmp[:, :tc], rtol=1e-12, atol=1e-13)
         _, step_idx = decode_attention(new["q"], new["gates"], state, SMALL, return_indices=True)
         assert torch.equal(step_idx, idx[:, t:t + 1]), t
     assert (idx[:, -1] >= 0).sum() == SMALL.num_selected * 2
@@ -66,13 +67,18 @@ def test_cache_keeps_what_spec_says():
     x = torch.randn(1, 45, 48, dtype=torch.float64)
     _, cache = decode_in_chunks(m, x, [20] + [1] * 25)
     layer = cache.layers[1]
-    assert layer.k.shape == (1, 45, 2, 8) and layer.v.shape == (1, 45, 2, 12)
-    assert layer.k_cmp.shape == (1, SMALL.num_cmp(45), 2, 8) and layer.v_cmp.shape == (1, SMALL.num_cmp(45), 2, 12)
-    assert layer.k_tail.shape[1] == SMALL.cmp_block and layer.pos_tail.tolist() == [list(range(37, 45))]
-    assert layer.k_win.shape[1] == SMALL.window
-    # The cached window is the newest window keys.
+    assert layer.seqlens.tolist() == [45] and cache.get_seq_length(1) == 45
+    assert layer.k.shape[:1] + layer.k.shape[2:] == (1, 2, 8) and layer.k.shape[1] >= 45
     p = m.project(x, torch.arange(45)[None])
-    torch.testing.assert_close(layer.k_win, p["k_win"][:, -SMALL.window:], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(layer.k[:, :45], p["k_slc"], rtol=1e-12, atol=1e-13)
+    tc = SMALL.num_cmp(45)
+    assert layer.k_cmp.shape[1] > tc and layer.v_cmp.shape[-1] == 12
+    # The tail ring holds the last l raw tokens at slot s % l; the window ring the last w + 15 window keys.
+    assert sorted(layer.pos_tail[0].tolist()) == list(range(37, 45))
+    s = torch.arange(45 - layer.k_win.shape[1], 45)
+    assert layer.k_win.shape[1] == SMALL.window + RING_SLACK - 1
+    torch.testing.assert_close(layer.k_win[:, s % layer.k_win.shape[1]], p["k_win"][:, s], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(layer.k_tail[:, torch.arange(37, 45) % 8], p["k_cmp"][:, 37:], rtol=1e-12, atol=1e-13)
 
 
 def test_shared_window_keeps_no_window_copy():
@@ -98,3 +104,87 @@ def test_update_rejects_a_different_batch():
     m(torch.randn(2, 5, 48, dtype=torch.float64), cache=cache)
     with pytest.raises(ValueError, match="k must continue the cached"):
         m(torch.randn(3, 1, 48, dtype=torch.float64), cache=cache)
+
+
+def test_sequences_of_different_lengths_in_one_batch():
+    """Each sequence appends its own count (lengths) at its own position: as if decoded alone."""
+    m = make()
+    x = torch.randn(2, 50, 48, dtype=torch.float64)
+    alone = [m(x[0:1])[0], m(x[1:2, :49])[0]]
+    cache = NSACache()
+    m(x[:, :30], cache=cache)
+
+    def step(tokens, pos, lengths=None):
+        # The module has no per-sequence counts: drive the cache the way a serving engine does.
+        p = m.project(tokens, pos)
+        state = cache.update(1, p["k_slc"], p["v_slc"], k_win=p["k_win"], v_win=p["v_win"], k_cmp_raw=p["k_cmp"],
+                             v_cmp_raw=p["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL,
+                             lengths=lengths)
+        return m.o_proj(decode_attention(p["q"], p["gates"], state, SMALL).flatten(2))
+
+    # A chunk of 10 of which sequence 1 takes only 9 (its 10th is padding), then one token per step.
+    pos = torch.arange(30, 40).expand(2, 10)
+    o = step(x[:, 30:40], pos, torch.tensor([10, 9], dtype=torch.int32))
+    outs = [[o[0]], [o[1, :9]]]
+    for _ in range(10):
+        cur = cache.seqlens(1).long()
+        o = step(x[torch.arange(2), cur][:, None], cur[:, None])
+        outs[0].append(o[0])
+        outs[1].append(o[1])
+    assert cache.seqlens(1).tolist() == [50, 49]
+    for b in range(2):
+        torch.testing.assert_close(torch.cat(outs[b]), alone[b][30:], rtol=1e-10, atol=1e-12)
+
+
+def paged_cache(batch, page=16, pages_per_seq=8):
+    """A paged cache whose sequences own shuffled pages of a larger pool."""
+    perm = torch.randperm(batch * pages_per_seq + 5)[:batch * pages_per_seq]
+    return NSACache(block_table=perm.view(batch, pages_per_seq).to(torch.int32), page_size=page,
+                    num_pages=batch * pages_per_seq + 5)
+
+
+@pytest.mark.parametrize("share_win_kv", [False, True])
+def test_paged_and_contiguous_caches_agree(share_win_kv):
+    m = make(share_win_kv)
+    x = torch.randn(2, 70, 48, dtype=torch.float64)
+    outs = []
+    for cache in (NSACache(), NSACache(capacity=128), paged_cache(2)):
+        chunks = [25, 1, 1, 17] + [1] * 26
+        steps, t = [], 0
+        for c in chunks:
+            steps.append(m(x[:, t:t + c], cache=cache))
+            t += c
+        outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[0], m(x), rtol=1e-10, atol=1e-12)
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
+
+
+def test_paged_cache_refuses_to_overflow():
+    m = make()
+    cache = paged_cache(1, page=16, pages_per_seq=2)
+    m(torch.randn(1, 30, 48, dtype=torch.float64), cache=cache)
+    with pytest.raises(ValueError, match="paged cache holds 32 tokens"):
+        m(torch.randn(1, 3, 48, dtype=torch.float64), cache=cache)
+
+
+@pytest.mark.parametrize("share_win_kv,chunks", [(False, [40, 1, 3, 5]), (True, [33, 1, 2])])
+@pytest.mark.parametrize("paged", [False, True])
+def test_triton_decode_kernels_on_the_cache(share_win_kv, chunks, paged):
+    """The decode kernels read the cache (contiguous or paged, ring or shared window) as the reference does."""
+    m = NativeSparseAttention(64, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL, share_win_kv=share_win_kv)
+    x = torch.randn(2, sum(chunks), 64)
+    cache = paged_cache(2) if paged else NSACache()
+    t = 0
+    for c in chunks:
+        pos = torch.arange(t, t + c).expand(2, c)
+        p = m.project(x[:, t:t + c], pos)
+        k_win, v_win = (None, None) if share_win_kv else (p["k_win"], p["v_win"])
+        state = cache.update(0, p["k_slc"], p["v_slc"], k_win=k_win, v_win=v_win, k_cmp_raw=p["k_cmp"],
+                             v_cmp_raw=p["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL)
+        if t:
+            o_ref, idx_ref = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True)
+            o, idx = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="triton")
+            assert torch.equal(idx, idx_ref)
+            torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        t += c
