@@ -15,6 +15,7 @@ from torch import Tensor
 from ..config import SparsityConfig
 from .common import interpreting, packed_layout
 from .compressed import cmp_bwd, cmp_fwd
+from .gates import gates_bwd
 from .selected import slc_bwd, slc_fwd
 from .topk import select_blocks
 from .window import win_bwd, win_fwd
@@ -39,10 +40,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
     o_cmp, lse_cmp = cmp_fwd(qf, _flat(k_cmp), _flat(v_cmp), packed, cfg, scale)
     idx = select_blocks(qf, _flat(k_cmp), lse_cmp, packed, cfg, scale)
     o_slc, lse_slc = slc_fwd(qf, kf, vf, idx, packed, cfg, scale)
-    o_win, lse_win = win_fwd(qf, _flat(k_win), _flat(v_win), packed, cfg.window, scale)
-    g = _flat(gates).float()
-    o = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()
-    o = o.to(q.dtype).view(B, T, HQ, -1)
+    o_win, lse_win, o = win_fwd(qf, _flat(k_win), _flat(v_win), packed, cfg.window, scale,
+                                gated=(_flat(gates), o_cmp, o_slc))
+    o = o.view(B, T, HQ, -1)
     return o, idx.view(B, T, k.shape[2], -1), o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win
 
 
@@ -67,18 +67,15 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_
     B, T, HQ, DK = q.shape
     packed = packed_layout(B, T, cu_seqlens, cfg, q.device)
     qf = _flat(q)
-    dof = _flat(do).float()
-    g = _flat(gates).float()
-    # SPEC 7: o = sum_b g_b o_b, so dg_b = <do, o_b> and each branch sees do scaled by its gate.
-    dgates = torch.stack([(dof * o_b.float()).sum(-1) for o_b in (o_cmp, o_slc, o_win)], dim=-1)
-    do_b = [(dof * g[..., b : b + 1]).to(q.dtype) for b in range(3)]
-    dq_cmp, dk_cmp, dv_cmp = cmp_bwd(do_b[0], qf, _flat(k_cmp), _flat(v_cmp), o_cmp, lse_cmp, packed, cfg, scale)
-    dq_slc, dk, dv = slc_bwd(do_b[1], qf, _flat(k), _flat(v), o_slc, lse_slc, _flat(idx), packed, cfg, scale, deterministic)
-    dq_win, dk_win, dv_win = win_bwd(do_b[2], qf, _flat(k_win), _flat(v_win), o_win, lse_win, packed, cfg.window, scale)
-    dq = (dq_cmp.float() + dq_slc.float() + dq_win.float()).to(q.dtype)
+    dgates, do_cmp, do_slc, do_win = gates_bwd(_flat(do), _flat(gates), o_cmp, o_slc, o_win)
+    dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, qf, _flat(k_cmp), _flat(v_cmp), o_cmp, lse_cmp, packed, cfg, scale)
+    dq_slc, dk, dv = slc_bwd(do_slc, qf, _flat(k), _flat(v), o_slc, lse_slc, _flat(idx), packed, cfg, scale, deterministic)
+    dq_win, dk_win, dv_win = win_bwd(do_win, qf, _flat(k_win), _flat(v_win), o_win, lse_win, packed, cfg.window, scale)
+    # Summed in the inputs' dtype, as autograd sums the three branches' contributions to q.
+    dq = dq.add_(dq_slc).add_(dq_win)
     shape = lambda x, like: x.view(like.shape)  # noqa: E731
     return (shape(dq, q), shape(dk, k), shape(dv, v), shape(dk_cmp, k_cmp), shape(dv_cmp, v_cmp),
-            shape(dgates.to(gates.dtype), gates), shape(dk_win, k_win), shape(dv_win, v_win))
+            shape(dgates, gates), shape(dk_win, k_win), shape(dv_win, v_win))
 
 
 @attention_bwd.register_fake

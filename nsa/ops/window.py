@@ -45,10 +45,10 @@ def _key_tile(DK: int) -> int:
 )
 @triton.jit
 def _win_fwd_kernel(
-    Q, K, V, O, LSE, CU, TILES, qk_scale, window,
+    Q, K, V, O, LSE, CU, TILES, qk_scale, window, GATES, O_CMP, O_SLC, OUT,
     HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):
     # Heads vary fastest so that the G heads of a group read the same K/V tiles while they sit in L2.
     pid = tl.program_id(0)
@@ -80,8 +80,22 @@ def _win_fwd_kernel(
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     o, lse = softmax_finish(acc, m_i, l_i)
-    tl.store(O + row_q[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), mask=(offs_m < L)[:, None] & (offs_dv < DV)[None, :])
+    out_offs = row_q[:, None] * DV + offs_dv[None, :]
+    out_mask = (offs_m < L)[:, None] & (offs_dv < DV)[None, :]
+    tl.store(O + out_offs, o.to(O.dtype.element_ty), mask=out_mask)
     tl.store(LSE + row_q, lse, mask=offs_m < L)
+    if GATED:
+        # SPEC 7 in this kernel's epilogue: the window branch is computed last, so the gated sum of the three
+        # branches costs one extra read of o_cmp and o_slc instead of separate elementwise passes.
+        g_cmp = tl.load(GATES + row_q * 3, mask=offs_m < L, other=0.0).to(tl.float32)
+        g_slc = tl.load(GATES + row_q * 3 + 1, mask=offs_m < L, other=0.0).to(tl.float32)
+        g_win = tl.load(GATES + row_q * 3 + 2, mask=offs_m < L, other=0.0).to(tl.float32)
+        o_cmp = tl.load(O_CMP + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        o_slc = tl.load(O_SLC + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        # o_win enters as stored, in the inputs' dtype, as o_cmp and o_slc do.
+        o_win = o.to(O.dtype.element_ty).to(tl.float32)
+        out = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
+        tl.store(OUT + out_offs, out.to(OUT.dtype.element_ty), mask=out_mask)
 
 
 @triton.autotune(
@@ -194,15 +208,18 @@ def _check_window(window) -> None:
         raise ValueError(f"window must be a positive int, got {window!r}")
 
 
-def win_fwd(q, k, v, packed: Packed, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sliding-window attention (SPEC 6) on packed sequences.
+def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None):
+    """Sliding-window attention (SPEC 6) on packed sequences, optionally closing NSA's forward (SPEC 7).
 
     Args:
         q: [N_tok, HQ, DK]; k: [N_tok, HKV, DK]; v: [N_tok, HKV, DV] (the window branch's keys and values).
         packed: where the sequences lie (common.packed_layout).
         window: w; query t attends the keys s of its own sequence with t - w < s <= t.
+        gated: None, or (gates [N_tok, HQ, 3], o_cmp [N_tok, HQ, DV], o_slc [N_tok, HQ, DV]): then the kernel's
+            epilogue also writes o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
     Returns:
-        o [N_tok, HQ, DV] in q's dtype and lse [N_tok, HQ] float32 (base e, of the scaled scores).
+        o [N_tok, HQ, DV] in q's dtype and lse [N_tok, HQ] float32 (base e, of the scaled scores); with
+        `gated`, (o_win, lse, o).
     """
     _check_window(window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -210,12 +227,18 @@ def win_fwd(q, k, v, packed: Packed, window: int, scale: float) -> tuple[torch.T
     HKV, DV = k.shape[1], v.shape[2]
     o = torch.empty(N, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
+    if gated is None:
+        gates = o_cmp = o_slc = out = o  # not read: GATED is off
+    else:
+        gates, o_cmp, o_slc = (x.contiguous() for x in gated)
+        out = torch.empty_like(o)
     tiles = query_tiles(packed, BLOCK_Q)
     _win_fwd_kernel[(tiles.shape[0] * HQ,)](
-        q, k, v, o, lse, packed.cu_seqlens, tiles, scale * LOG2E, window,
+        q, k, v, o, lse, packed.cu_seqlens, tiles, scale * LOG2E, window, gates, o_cmp, o_slc, out,
         HQ, HQ // HKV, DK, DV, padded_dim(DK), padded_dim(DV), BLOCK_Q, PRECISION=dot_precision(q.dtype),
+        GATED=gated is not None,
     )
-    return o, lse
+    return (o, lse) if gated is None else (o, lse, out)
 
 
 def win_bwd(do, q, k, v, o, lse, packed: Packed, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
