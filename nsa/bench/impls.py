@@ -259,30 +259,45 @@ def build_dense_layer(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) 
 
 
 def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
-    """One new token per sequence against a cache of `context` tokens (the last of them the new one)."""
-    try:
-        from nsa.cache import StepState, decode_attention
-    except ImportError as error:
-        raise Skip(f"no decode API in this version ({error})") from None
+    """One new token per sequence against a cache of `context` tokens (the last of them the new one): the
+    fused decode kernels on a GPU, the reference's sampled-row path on a CPU."""
+    from nsa.ops.decode import nsa_decode
+
     s = cfg.sparsity
-    w = min(s.window, context)
     tc = s.num_cmp(context)
 
     def make():
-        # Flat tensors (not a StepState), so that rotated() sees the cache's size.
         return (_leaf((batch, 1, cfg.hq, cfg.dk), device, dtype, False), nsa_gates(cfg, batch, 1, device, dtype, False),
                 _leaf((batch, context, cfg.hkv, cfg.dk), device, dtype, False),
                 _leaf((batch, context, cfg.hkv, cfg.dv), device, dtype, False),
                 _leaf((batch, tc, cfg.hkv, cfg.dk), device, dtype, False),
                 _leaf((batch, tc, cfg.hkv, cfg.dv), device, dtype, False))
 
-    def fn(q, gates, k, v, k_cmp, v_cmp):
-        return decode_attention(q, gates, StepState(k, v, k_cmp, v_cmp, k[:, -w:], v[:, -w:], context - 1), s)
+    scale = 1 / math.sqrt(cfg.dk)
+    if torch.device(device).type == "cuda":
+        past = torch.full((batch,), context - 1, dtype=torch.int32, device=device)
 
+        def fn(q, gates, k, v, k_cmp, v_cmp):
+            return nsa_decode(q, gates, k, v, k_cmp, v_cmp, past, s, scale)
+
+        note = "nsa.ops.decode.nsa_decode"
+    else:
+        last = torch.tensor([context - 1])
+
+        def fn(q, gates, k, v, k_cmp, v_cmp):
+            # The new query at the last position; the other positions' queries and gates are never read.
+            q_all = q.new_zeros(batch, context, cfg.hq, cfg.dk)
+            q_all[:, -1:] = q
+            g_all = gates.new_zeros(batch, context, cfg.hq, 3)
+            g_all[:, -1:] = gates
+            return nsa.reference.nsa_forward(q_all, k, v, k_cmp, v_cmp, g_all, k, v, s, scale, rows=last)[0]
+
+        note = "reference, sampled row"
+    w = min(s.window, context)
     keys = tc + min(s.num_selected * s.slc_block, context) + w
     traffic = batch * cfg.hkv * keys * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
     flops = batch * cfg.hq * (2 * keys * (cfg.dk + cfg.dv) + 2 * tc * cfg.dk)
-    return Built(fn, rotated(make), (flops, 0), "nsa.cache.decode_attention", bytes_fwd=traffic)
+    return Built(fn, rotated(make), (flops, 0), note, bytes_fwd=traffic)
 
 
 def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
