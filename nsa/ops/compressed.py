@@ -3,7 +3,10 @@
 Query t of a sequence sees compressed token i of the same sequence iff i*d + l <= t + 1 (a staircase causal
 mask). Programs are group-centric: one program holds BLOCK_T queries of one KV head together with all G
 query heads of that group as the rows of its tiles (row r is query t0 + r // G_PAD, head r % G_PAD), so each
-compressed K/V tile is loaded once for the whole group. Non-power-of-two G is padded to G_PAD and masked.
+compressed K/V tile is loaded once for the whole group. Non-power-of-two G is padded and masked.
+
+The key dimension is cut into two power-of-two parts (192 = 128 + 64) and every product over it is the sum of
+two products, so DK = 192 costs 192 columns of work instead of 256 (next_power_of_2's padding).
 
 lse convention: lse[t, h] is the natural-log log-sum-exp of scale * q.k_cmp over the visible compressed
 tokens; a row that sees none (t < l - 1) has o_cmp = 0 and lse = +inf, so that exp(s - lse) is exactly 0 for
@@ -17,11 +20,25 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import Packed, autotune_configs
+from .common import Packed, attention_delta, autotune_configs, interpreting
 
 LOG2E = 1.4426950408889634
 # Rows (queries x heads of a group) per program: the M side of every product.
 BLOCK_M = 64
+# The dk/dv backward cuts the queries that see a key tile into at most DKDV_CHUNKS chunks of at least
+# DKDV_MIN_CHUNK queries, one program each: bounded programs, and fp32 partials linear in T.
+DKDV_CHUNKS = 16
+DKDV_MIN_CHUNK = 512
+
+
+def split_dim(dim: int) -> tuple[int, int]:
+    """Two power-of-two tile widths covering a head dimension, the second 0 when one suffices:
+    192 -> (128, 64), 48 -> (32, 16), 128 -> (128, 0). Never wider than next_power_of_2(dim)."""
+    if dim % 16 or not 16 <= dim <= 256:
+        raise ValueError(f"head dimensions must be multiples of 16 between 16 and 256, got {dim}")
+    first = 1 << (dim.bit_length() - 1)
+    rest = dim - first
+    return first, (triton.next_power_of_2(rest) if rest else 0)
 
 
 @triton.jit
@@ -34,11 +51,46 @@ def group_rows(t0, seq_len, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
-def tile_offsets(tok, head, H, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """int64 offsets [len(tok), BLOCK_D] into a contiguous [N, H, D] tensor, and the mask of d < D."""
-    d = tl.arange(0, BLOCK_D)
+def tile_offsets(tok, head, H, D: tl.constexpr, BLOCK_D: tl.constexpr, D0: tl.constexpr = 0):
+    """int64 offsets [len(tok), BLOCK_D] of columns D0 .. D0 + BLOCK_D of a contiguous [N, H, D] tensor, and
+    the mask of the columns < D."""
+    d = D0 + tl.arange(0, BLOCK_D)
     offs = (tok.to(tl.int64) * H + head)[:, None] * D + d[None, :]
     return offs, (d < D)[None, :]
+
+
+@triton.jit
+def load_split(ptr, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The two column parts [len(tok), BLOCK_D] and [len(tok), BLOCK_D2] of rows (tok, head) of a contiguous
+    [N, H, D] tensor, zero on masked rows and past D. With BLOCK_D2 = 0 the second is the first again and
+    is never used (no product reads it)."""
+    offs, cols = tile_offsets(tok, head, H, D, BLOCK_D)
+    a = tl.load(ptr + offs, mask=rows[:, None] & cols, other=0.0)
+    if BLOCK_D2 > 0:
+        offs2, cols2 = tile_offsets(tok, head, H, D, BLOCK_D2, BLOCK_D)
+        b = tl.load(ptr + offs2, mask=rows[:, None] & cols2, other=0.0)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def store_split(ptr, a, b, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Stores the column parts of load_split, cast to ptr's type."""
+    offs, cols = tile_offsets(tok, head, H, D, BLOCK_D)
+    tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=rows[:, None] & cols)
+    if BLOCK_D2 > 0:
+        offs2, cols2 = tile_offsets(tok, head, H, D, BLOCK_D2, BLOCK_D)
+        tl.store(ptr + offs2, b.to(ptr.dtype.element_ty), mask=rows[:, None] & cols2)
+
+
+@triton.jit
+def dot_split(xa, xb, ya, yb, BLOCK_D2: tl.constexpr, PREC: tl.constexpr):
+    """x . y^T over a split dimension: xa, ya [*, BLOCK_D] and xb, yb [*, BLOCK_D2] -> [len(x), len(y)] fp32."""
+    s = tl.dot(xa, tl.trans(ya), input_precision=PREC)
+    if BLOCK_D2 > 0:
+        s += tl.dot(xb, tl.trans(yb), input_precision=PREC)
+    return s
 
 
 @triton.jit
@@ -47,19 +99,55 @@ def num_visible(t_end, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     return (t_end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE
 
 
-def _fwd_configs():
-    return autotune_configs([
-        triton.Config({"BLOCK_N": BN}, num_warps=w, num_stages=s)
-        for BN in (64, 32) for w in (4, 8) for s in (2, 3)
-    ])
+def _tile_configs(gpu: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_N, warps, stages) configs on the GPU; under the interpreter one config of 16-token tiles, so
+    that tiny tests cross tile boundaries (and the forward's unmasked tiles occur)."""
+    if interpreting():
+        gpu = [(16, 4, 1)]
+    return autotune_configs([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in gpu])
 
 
-@triton.autotune(configs=_fwd_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DV", "DOT_PREC"])
+# The forward's accumulators are [64, BLOCK_DV] fp32 and its scores [64, BLOCK_N]: 128-token tiles fit 8 warps.
+_FWD_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+# dk/dv hold [BLOCK_N, DK + DV] fp32 accumulators (80 KB at 64 tokens and 192 + 128): 64-token tiles want 8 warps.
+_DKDV_CONFIGS = [(32, 4, 1), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
+_DQ_CONFIGS = [(32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 1), (64, 8, 2)]
+
+
+@triton.jit
+def fwd_tile(acc, m_i, l_i, qa, qb, k_cmp, v_cmp, n0, cmp0, num_cmp, kvh, HKV, t, scale2,
+             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+             BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+             MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One tile of compressed tokens n0 .. n0 + BLOCK_N of the online softmax (base 2). MASKED applies the
+    staircase and the end of the sequence; the tiles every row sees whole skip both."""
+    i = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_seq = i < num_cmp
+    else:
+        in_seq = i >= 0
+    ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    v_offs, dv_mask = tile_offsets(cmp0 + i, kvh, HKV, DV, BLOCK_DV)
+    v_tile = tl.load(v_cmp + v_offs, mask=in_seq[:, None] & dv_mask, other=0.0)
+    s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
+    if MASKED:
+        s = tl.where(i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_tile_configs(_FWD_CONFIGS), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "DOT_PREC"])
 @triton.jit
 def cmp_fwd_kernel(
     q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, scale2, HKV,
-    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     seq = tl.program_id(1) // HKV
@@ -74,31 +162,22 @@ def cmp_fwd_kernel(
     num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-    q_offs, dk_mask = tile_offsets(tok0 + t, kvh * G + g, HQ, DK, BLOCK_DK)
-    q_tile = tl.load(q + q_offs, mask=valid[:, None] & dk_mask, other=0.0)
+    qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
 
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DV], tl.float32)
-    # Queries past the end of the sequence would see tokens past num_cmp: those loads are masked.
+    # The tokens the first query sees are seen by every row (and lie in the sequence): whole tiles of them
+    # need no mask. Past them the staircase cuts; queries past the end would see tokens past num_cmp, so
+    # those tiles mask the loads too.
+    n_full = tl.maximum(num_visible(t0 + 1, CMP_BLOCK, CMP_STRIDE), 0) // BLOCK_N * BLOCK_N
     n_end = num_visible(t0 + BLOCK_T, CMP_BLOCK, CMP_STRIDE)
-    for n0 in range(0, n_end, BLOCK_N):
-        i = n0 + tl.arange(0, BLOCK_N)
-        k_offs, _ = tile_offsets(cmp0 + i, kvh, HKV, DK, BLOCK_DK)
-        k_tile = tl.load(k_cmp + k_offs, mask=(i < num_cmp)[:, None] & dk_mask, other=0.0)
-        v_offs, dv_mask = tile_offsets(cmp0 + i, kvh, HKV, DV, BLOCK_DV)
-        v_tile = tl.load(v_cmp + v_offs, mask=(i < num_cmp)[:, None] & dv_mask, other=0.0)
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PREC) * scale2
-        visible = i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PREC)
-        m_i = m_new
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = fwd_tile(acc, m_i, l_i, qa, qb, k_cmp, v_cmp, n0, cmp0, num_cmp, kvh, HKV, t, scale2,
+                                 DK, DV, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_N, CMP_BLOCK, CMP_STRIDE, False, DOT_PREC)
+    for n0 in range(n_full, n_end, BLOCK_N):
+        acc, m_i, l_i = fwd_tile(acc, m_i, l_i, qa, qb, k_cmp, v_cmp, n0, cmp0, num_cmp, kvh, HKV, t, scale2,
+                                 DK, DV, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_N, CMP_BLOCK, CMP_STRIDE, True, DOT_PREC)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -108,70 +187,75 @@ def cmp_fwd_kernel(
     tl.store(lse + (tok0 + t).to(tl.int64) * HQ + kvh * G + g, lse_row, mask=valid)
 
 
-def _bwd_configs():
-    return autotune_configs([
-        triton.Config({"BLOCK_N": BN}, num_warps=w, num_stages=s)
-        for BN in (32, 64) for w in (4, 8) for s in (1, 2)
-    ])
-
-
-@triton.autotune(configs=_bwd_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DV", "DOT_PREC"])
+@triton.autotune(configs=_tile_configs(_DKDV_CONFIGS), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "DOT_PREC"])
 @triton.jit
 def cmp_bwd_dkdv_kernel(
-    q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cu_seqlens, cu_cmp, scale, scale2, HKV,
-    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, cu_seqlens, cu_cmp, scale, scale2, HKV, N_cmp, chunk_len,
+    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # One program owns a tile of compressed tokens of one KV head and loops over every query and every head
-    # of the group that sees it: dk_cmp and dv_cmp are summed in a fixed order, without atomics.
+    # One program owns a tile of compressed tokens of one KV head and one chunk of the queries (all G heads)
+    # that see it, and writes that chunk's dk, dv [NUM_CHUNKS, N_cmp, HKV, D]: the chunks are summed
+    # afterwards in a fixed order, without atomics. A chunk of queries before the tile writes zeros.
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
     cmp0 = tl.load(cu_cmp + seq)
     num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
-    n0 = tl.program_id(0) * BLOCK_N
+    n0 = tl.program_id(0) // NUM_CHUNKS * BLOCK_N
     if n0 >= num_cmp:
         return
+    chunk = tl.program_id(0) % NUM_CHUNKS
     tok0 = tl.load(cu_seqlens + seq)
     seq_len = tl.load(cu_seqlens + seq + 1) - tok0
     HQ = HKV * G
     i = n0 + tl.arange(0, BLOCK_N)
-    k_offs, dk_mask = tile_offsets(cmp0 + i, kvh, HKV, DK, BLOCK_DK)
-    k_tile = tl.load(k_cmp + k_offs, mask=(i < num_cmp)[:, None] & dk_mask, other=0.0)
+    in_seq = i < num_cmp
+    ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
     v_offs, dv_mask = tile_offsets(cmp0 + i, kvh, HKV, DV, BLOCK_DV)
-    v_tile = tl.load(v_cmp + v_offs, mask=(i < num_cmp)[:, None] & dv_mask, other=0.0)
+    v_tile = tl.load(v_cmp + v_offs, mask=in_seq[:, None] & dv_mask, other=0.0)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dka = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dkb = tl.zeros([BLOCK_N, BLOCK_DK2], tl.float32)
+    else:
+        dkb = dka
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # The first query that sees token n0 is n0*d + l - 1.
+    # The first query that sees token n0 is n0*d + l - 1; chunk_len is a multiple of BLOCK_T.
     t_first = ((n0 * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T) * BLOCK_T
-    for t0 in range(t_first, seq_len, BLOCK_T):
+    t_begin = tl.maximum(t_first, chunk * chunk_len)
+    t_end = tl.minimum(seq_len, (chunk + 1) * chunk_len)
+    for t0 in range(t_begin, t_end, BLOCK_T):
         t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-        q_offs, _ = tile_offsets(tok0 + t, kvh * G + g, HQ, DK, BLOCK_DK)
-        q_tile = tl.load(q + q_offs, mask=valid[:, None] & dk_mask, other=0.0)
+        qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
         do_offs, _ = tile_offsets(tok0 + t, kvh * G + g, HQ, DV, BLOCK_DV)
         do_tile = tl.load(do + do_offs, mask=valid[:, None] & dv_mask, other=0.0)
         row = (tok0 + t).to(tl.int64) * HQ + kvh * G + g
         lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
         delta_row = tl.load(delta + row, mask=valid, other=0.0)
-        s_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PREC) * scale2
+        s_t = dot_split(ka, kb, qa, qb, BLOCK_DK2, DOT_PREC) * scale2
         visible = i[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1
         p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do_tile.dtype), do_tile, input_precision=DOT_PREC)
         dp_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta_row[None, :])
-        dk += tl.dot(ds_t.to(q_tile.dtype), q_tile, input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta_row[None, :])).to(qa.dtype)
+        dka += tl.dot(ds_t, qa, input_precision=DOT_PREC)
+        if BLOCK_DK2 > 0:
+            dkb += tl.dot(ds_t, qb, input_precision=DOT_PREC)
 
-    tl.store(dk_cmp + k_offs, (dk * scale).to(dk_cmp.dtype.element_ty), mask=(i < num_cmp)[:, None] & dk_mask)
-    tl.store(dv_cmp + v_offs, dv.to(dv_cmp.dtype.element_ty), mask=(i < num_cmp)[:, None] & dv_mask)
+    # Rows of chunk c start at c * N_cmp in the packed compressed axis.
+    part = chunk * N_cmp + cmp0 + i
+    store_split(dk_out, dka * scale, dkb * scale, part, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    dv_offs, _ = tile_offsets(part, kvh, HKV, DV, BLOCK_DV)
+    tl.store(dv_out + dv_offs, dv.to(dv_out.dtype.element_ty), mask=in_seq[:, None] & dv_mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DV", "DOT_PREC"])
+@triton.autotune(configs=_tile_configs(_DQ_CONFIGS), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "DOT_PREC"])
 @triton.jit
 def cmp_bwd_dq_kernel(
     q, k_cmp, v_cmp, do, lse, delta, dq, cu_seqlens, cu_cmp, scale, scale2, HKV,
-    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     seq = tl.program_id(1) // HKV
@@ -185,40 +269,47 @@ def cmp_bwd_dq_kernel(
     num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-    q_offs, dk_mask = tile_offsets(tok0 + t, kvh * G + g, HQ, DK, BLOCK_DK)
-    q_tile = tl.load(q + q_offs, mask=valid[:, None] & dk_mask, other=0.0)
+    qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
     do_offs, dv_mask = tile_offsets(tok0 + t, kvh * G + g, HQ, DV, BLOCK_DV)
     do_tile = tl.load(do + do_offs, mask=valid[:, None] & dv_mask, other=0.0)
     row = (tok0 + t).to(tl.int64) * HQ + kvh * G + g
     lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
     delta_row = tl.load(delta + row, mask=valid, other=0.0)
 
-    dq_acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DK], tl.float32)
+    dqa = tl.zeros([BLOCK_T * G_PAD, BLOCK_DK], tl.float32)
+    if BLOCK_DK2 > 0:
+        dqb = tl.zeros([BLOCK_T * G_PAD, BLOCK_DK2], tl.float32)
+    else:
+        dqb = dqa
     # Queries past the end of the sequence would see tokens past num_cmp: those loads are masked.
     n_end = num_visible(t0 + BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     for n0 in range(0, n_end, BLOCK_N):
         i = n0 + tl.arange(0, BLOCK_N)
-        k_offs, _ = tile_offsets(cmp0 + i, kvh, HKV, DK, BLOCK_DK)
-        k_tile = tl.load(k_cmp + k_offs, mask=(i < num_cmp)[:, None] & dk_mask, other=0.0)
+        in_seq = i < num_cmp
+        ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
         v_offs, _ = tile_offsets(cmp0 + i, kvh, HKV, DV, BLOCK_DV)
-        v_tile = tl.load(v_cmp + v_offs, mask=(i < num_cmp)[:, None] & dv_mask, other=0.0)
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PREC) * scale2
+        v_tile = tl.load(v_cmp + v_offs, mask=in_seq[:, None] & dv_mask, other=0.0)
+        s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
         visible = i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PREC)
-        ds = p * (dp - delta_row[:, None])
-        dq_acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PREC)
+        ds = (p * (dp - delta_row[:, None])).to(ka.dtype)
+        dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
+        if BLOCK_DK2 > 0:
+            dqb += tl.dot(ds, kb, input_precision=DOT_PREC)
 
-    tl.store(dq + q_offs, (dq_acc * scale).to(dq.dtype.element_ty), mask=valid[:, None] & dk_mask)
+    store_split(dq, dqa * scale, dqb * scale, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
 
 
 def group_tiling(num_q_heads: int, num_kv_heads: int, dk: int, dv: int, dtype: torch.dtype) -> dict:
-    """The constexprs every group-centric launcher shares: G and its padding, queries per program, tile dims."""
+    """The constexprs every group-centric launcher shares: G and its padding, queries per program, tile dims
+    (DK in two parts, see split_dim)."""
     G = num_q_heads // num_kv_heads
     G_PAD = triton.next_power_of_2(G)
+    BLOCK_DK, BLOCK_DK2 = split_dim(dk)
     return dict(
-        G=G, G_PAD=G_PAD, BLOCK_T=max(1, BLOCK_M // G_PAD),
-        BLOCK_DK=triton.next_power_of_2(dk), BLOCK_DV=triton.next_power_of_2(dv),
+        G=G, G_PAD=G_PAD, BLOCK_T=max(1, BLOCK_M // G_PAD), BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2,
+        BLOCK_DV=triton.next_power_of_2(dv),
         # True float32 products, so float32 inputs meet the tolerance rule against a float32 reference.
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
     )
@@ -262,11 +353,14 @@ def cmp_fwd(q, k_cmp, v_cmp, packed: Packed, cfg: SparsityConfig, scale: float) 
     return o, lse
 
 
-def cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: float):
+def cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: float,
+            query_chunk: int | None = None):
     """Gradients of cmp_fwd, deterministic (bitwise equal across runs).
 
     Args:
         do_cmp: [N_tok, HQ, DV] gradient of o_cmp; q, k_cmp, v_cmp, o_cmp, lse as in and out of cmp_fwd.
+        query_chunk: queries per chunk of the dk/dv pass (rounded up to whole query tiles); by default the
+            longest sequence in DKDV_CHUNKS chunks of at least DKDV_MIN_CHUNK queries.
     Returns:
         dq [N_tok, HQ, DK], dk_cmp [N_cmp, HKV, DK], dv_cmp [N_cmp, HKV, DV] in the dtypes of q, k_cmp, v_cmp.
     """
@@ -277,18 +371,35 @@ def cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse, packed: Packed, cfg: SparsityCo
     if N == 0 or N_cmp == 0:
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     # FlashAttention-2's preprocess: delta = rowsum(do * o), the softmax's Jacobian term per row.
-    delta = (do_cmp.float() * o_cmp.float()).sum(-1).contiguous()
-    dq = torch.empty_like(q)
-    dk_cmp = torch.empty_like(k_cmp)
-    dv_cmp = torch.empty_like(v_cmp)
+    delta = attention_delta(o_cmp, do_cmp)
     tiling = group_tiling(HQ, HKV, DK, DV, q.dtype)
     common = dict(DK=DK, DV=DV, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, **tiling)
+
+    # Without chunks one program would walk every later query (T * G rows at the first key tile) while the
+    # last ones have nothing to do; chunks bound every program by chunk_len * G rows.
+    block_t = tiling["BLOCK_T"]
+    if query_chunk is None:
+        query_chunk = max(DKDV_MIN_CHUNK, triton.cdiv(packed.max_len, DKDV_CHUNKS))
+    chunk_len = triton.cdiv(query_chunk, block_t) * block_t
+    num_chunks = triton.cdiv(packed.max_len, chunk_len)
+    if num_chunks == 1:
+        dk_out, dv_out = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+    else:
+        # fp32 partials of every chunk, summed below in chunk order: deterministic, and linear in T.
+        dk_out = torch.empty(num_chunks, N_cmp, HKV, DK, dtype=torch.float32, device=q.device)
+        dv_out = torch.empty(num_chunks, N_cmp, HKV, DV, dtype=torch.float32, device=q.device)
     max_cmp = cfg.num_cmp(packed.max_len)
-    cmp_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_cmp, meta["BLOCK_N"]), packed.num_seqs * HKV)](
-        q, k_cmp, v_cmp, do_cmp, lse, delta, dk_cmp, dv_cmp, packed.cu_seqlens, packed.cu_cmp,
-        scale, scale * LOG2E, HKV, **common,
+    cmp_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_cmp, meta["BLOCK_N"]) * num_chunks, packed.num_seqs * HKV)](
+        q, k_cmp, v_cmp, do_cmp, lse, delta, dk_out, dv_out, packed.cu_seqlens, packed.cu_cmp,
+        scale, scale * LOG2E, HKV, N_cmp, chunk_len, NUM_CHUNKS=num_chunks, **common,
     )
-    cmp_bwd_dq_kernel[(triton.cdiv(packed.max_len, tiling["BLOCK_T"]), packed.num_seqs * HKV)](
+    if num_chunks == 1:
+        dk_cmp, dv_cmp = dk_out, dv_out
+    else:
+        dk_cmp, dv_cmp = dk_out.sum(0).to(k_cmp.dtype), dv_out.sum(0).to(v_cmp.dtype)
+
+    dq = torch.empty_like(q)
+    cmp_bwd_dq_kernel[(triton.cdiv(packed.max_len, block_t), packed.num_seqs * HKV)](
         q, k_cmp, v_cmp, do_cmp, lse, delta, dq, packed.cu_seqlens, packed.cu_cmp,
         scale, scale * LOG2E, HKV, **common,
     )

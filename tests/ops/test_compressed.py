@@ -88,6 +88,8 @@ CASES = [
     pytest.param([100], None, 8, 1, 16, 16, SparsityConfig(), id="G8"),
     pytest.param([45, 66], None, 16, 1, 16, 32, SMALL, id="varlen-G16-small-blocks"),
     pytest.param([61], None, 12, 2, 16, 16, SMALL, id="G6"),
+    # Long enough that the forward has whole tiles before the staircase; DK = 192 is split as 128 + 64.
+    pytest.param([300], None, 2, 1, 192, 32, SMALL, id="long-G2-DK192"),
 ]
 
 
@@ -108,14 +110,33 @@ def test_cmp_fwd_bwd_match_reference(lengths, batch, HQ, HKV, DK, DV, cfg, dtype
         assert_rule(name, got, lo, ref, factor=3.0)
 
 
-def test_cmp_bwd_is_deterministic():
+@pytest.mark.parametrize("query_chunk", [None, 1, 40])
+def test_cmp_bwd_is_deterministic(query_chunk):
+    """One chunk, and dk/dv summed over chunks of one query tile (16 queries) or of 48: bitwise repeatable."""
     cfg = SMALL
     q, k_cmp, v_cmp, do, packed = cmp_inputs([90, 41], 8, 2, 16, 16, cfg, torch.float16)
     o, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, 0.3)
-    first = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, 0.3)
-    second = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, 0.3)
+    first = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, 0.3, query_chunk=query_chunk)
+    second = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, 0.3, query_chunk=query_chunk)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("query_chunk", [1, 40])
+def test_cmp_bwd_query_chunks_match_reference(query_chunk, dtype):
+    """dk/dv as sums of per-chunk partials (several chunks per key tile, chunks before a tile, a varlen batch
+    whose short sequence has fewer chunks) keep the tolerance rule."""
+    cfg = SMALL
+    q, k_cmp, v_cmp, do, packed = cmp_inputs([130, 41], 8, 2, 48, 16, cfg, dtype)
+    scale = 48 ** -0.5
+    o, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
+    dq, dk_cmp, dv_cmp = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, scale, query_chunk=query_chunk)
+    oracle = cmp_reference(q, k_cmp, v_cmp, do, packed, cfg, scale, torch.float64)
+    low = cmp_reference(q, k_cmp, v_cmp, do, packed, cfg, scale, dtype)
+    for name, got, lo, ref in zip(("dq", "dk_cmp", "dv_cmp"), (dq, dk_cmp, dv_cmp), low[2:5], oracle[2:5]):
+        assert got.dtype == dtype
+        assert_rule(name, got, lo, ref, factor=3.0)
 
 
 def test_cmp_accepts_non_contiguous_inputs():
