@@ -1,15 +1,20 @@
 """Selected branch (SPEC 5): attention of each query over the key blocks it selected, group-centric.
 
 A program owns one KV head and a chunk of Q consecutive queries of one sequence. Its M side is the Q x G
-(query, head) pairs of the group, G padded to a power of two, Q chosen so that M reaches the 64 rows a tensor
-core tile wants. Consecutive queries share most of their blocks (the forced ones always, the top-scoring ones
-often), so the program streams the union of their selected blocks once and masks, row by row, the blocks a
-query did not select and the keys after it. The union of each chunk is built on the host with two sorts.
+(query, head) pairs of the group, G padded to a power of two. Where G >= 16 one query fills tl.dot's 16 rows
+alone (Q = 1): the program streams exactly the n blocks the query selected, l' keys each, and masks only the
+keys after the query in its own block. Where G < 16, Q = 16 // G consecutive queries share the program; they
+share most of their blocks (the forced ones always, the top-scoring ones often), so the program streams the
+union of their selected blocks once (built on the host with two sorts) and masks, row by row, the blocks a
+query did not select. Programs run KV head by KV head, consecutive chunks adjacent: those in flight read one
+head's K/V (42 MB at T = 64k, DK = 192, DV = 128 in bf16), which stays in the 60 MB L2 of an H200.
 
-Backward: dq per chunk as in the forward. dk/dv either by float32 atomics from the same chunk programs (one
-atomic per element per chunk and block), or, deterministic, by one program per (key block, KV head) that
-walks the queries which selected that block in token order (the inverse map of idx, a CSR built with a
-stable argsort, like FlexAttention's q_indices).
+Backward, deterministic by construction (no atomics): dq per chunk as in the forward. dk/dv key-block-major
+over the inverse map of idx (which queries selected block j, per KV head: a CSR built with a stable argsort,
+like FlexAttention's q_indices), with each block's query list cut into segments of at most `segment` queries so
+that the block every query selects (block 0) is spread over many programs of similar length. A block with one
+segment writes dk/dv directly; one with several writes float32 partials per segment, which a second kernel adds
+in segment order. Every sum runs in a fixed order, so two runs give bitwise-equal gradients.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ from .common import (
     autotune_configs,
     dot_precision,
     padded_dim,
-    query_tiles,
     softmax_finish,
     softmax_grad_step,
     softmax_step,
 )
 
-# Rows a program puts on the M side of tl.dot: Q queries x G heads (padded) reach it where G is small.
-ROWS = 64
+# Rows on the M side of the forward's and dq's tl.dot: Q queries x G heads (padded); 16 is tl.dot's minimum,
+# and more rows would make a chunk's union of blocks (hence the wasted products) grow.
+QUERY_ROWS = 16
+# Rows per step of the dk/dv segment programs: the gathered queries' heads, M of dk += dz^T q and dv += p^T do.
+SEGMENT_ROWS = 64
+# Queries per dk/dv segment: a block's list is cut into segments of this length; at T = 64k with the paper's
+# configuration that makes about 8k programs, the longest 1024 queries (256 steps of 64 rows).
+SEGMENT = 1024
 # No block: sorts after every real block index in a chunk's union.
 NO_BLOCK = torch.iinfo(torch.int32).max
 
@@ -48,11 +58,52 @@ def _group_rows(r, t0, L, bos, hkv, G: tl.constexpr, GP: tl.constexpr, HQ: tl.co
     return t, (bos + t) * HQ + hkv * G + g, valid
 
 
+@triton.jit
+def _chunk_program(TILES, CU, HKV: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The chunk and KV head of this program: KV head outermost, so that the programs in flight share one
+    head's K/V in L2. Returns (hkv, chunk row of the union tables, bos, L, t0, t_last)."""
+    pid = tl.program_id(0)
+    num_tiles = tl.num_programs(0) // HKV
+    hkv = pid // num_tiles
+    tile = pid % num_tiles
+    seq = tl.load(TILES + 2 * tile)
+    t0 = tl.load(TILES + 2 * tile + 1)
+    bos = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - bos
+    return hkv, tile * HKV + hkv, bos, L, t0, tl.minimum(t0 + BLOCK_Q, L) - 1
+
+
+@triton.jit
+def _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV: tl.constexpr, NSEL: tl.constexpr,
+                     BLOCK_NSEL: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """(pointer to the chunk's ascending block list, its length): the query's own idx row where Q = 1 (no
+    union needed), else the union built by _chunk_blocks."""
+    if BLOCK_Q == 1:
+        blocks = IDX + ((bos + t0) * HKV + hkv) * NSEL
+        offs = tl.arange(0, BLOCK_NSEL)
+        count = tl.sum((tl.load(blocks + offs, mask=offs < NSEL, other=-1) >= 0).to(tl.int32), 0)
+    else:
+        blocks = UNION + chunk * (BLOCK_Q * NSEL)
+        count = tl.load(COUNT + chunk)
+    return blocks, count
+
+
+@triton.jit
+def _chosen_rows(sel, blk, valid, BLOCK_Q: tl.constexpr):
+    """Which rows selected block blk: all real rows where the list is the query's own (Q = 1)."""
+    if BLOCK_Q == 1:
+        chosen = valid
+    else:
+        chosen = tl.sum((sel == blk).to(tl.int32), 1) > 0
+    return chosen
+
+
 @triton.autotune(
     configs=autotune_configs([
         triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=8, num_stages=2),
         triton.Config({}, num_warps=4, num_stages=3),
+        triton.Config({}, num_warps=8, num_stages=2),
+        triton.Config({}, num_warps=2, num_stages=3),
     ]),
     key=["DK", "DV", "G", "LS"],
 )
@@ -63,15 +114,7 @@ def _slc_fwd_kernel(
     NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    hkv = pid % HKV
-    tile = pid // HKV
-    seq = tl.load(TILES + 2 * tile)
-    t0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
-    t_last = tl.minimum(t0 + BLOCK_Q, L) - 1
-
+    hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
     t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -79,14 +122,14 @@ def _slc_fwd_kernel(
     q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
     sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
                   mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
+    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
     acc = tl.zeros([BLOCK_Q * GP, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GP], dtype=tl.float32)
-    chunk = tile * HKV + hkv
-    for i in range(0, tl.load(COUNT + chunk)):
-        blk = tl.load(UNION + chunk * (BLOCK_Q * NSEL) + i)
-        chosen = tl.sum((sel == blk).to(tl.int32), 1) > 0
+    for i in range(0, count):
+        blk = tl.load(blocks + i)
+        chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
         # Keys after the chunk's last query are never visible: the local block is cut there.
         for s0 in range(blk * LS, tl.minimum((blk + 1) * LS, t_last + 1), BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -104,30 +147,22 @@ def _slc_fwd_kernel(
 
 @triton.autotune(
     configs=autotune_configs([
-        triton.Config({}, num_warps=8, num_stages=2),
         triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=8, num_stages=1),
+        triton.Config({}, num_warps=4, num_stages=3),
+        triton.Config({}, num_warps=8, num_stages=2),
+        triton.Config({}, num_warps=2, num_stages=3),
     ]),
-    key=["DK", "DV", "G", "LS", "ATOMIC"],
-    reset_to_zero=["DK_ACC", "DV_ACC"],
+    key=["DK", "DV", "G", "LS"],
 )
 @triton.jit
-def _slc_bwd_chunk_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK_ACC, DV_ACC, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
+def _slc_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq of a chunk; with ATOMIC, also its share of dk/dv, added into the float32 DK_ACC/DV_ACC."""
-    pid = tl.program_id(0)
-    hkv = pid % HKV
-    tile = pid // HKV
-    seq = tl.load(TILES + 2 * tile)
-    t0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
-    t_last = tl.minimum(t0 + BLOCK_Q, L) - 1
-
+    """dq of a chunk: p recomputed from q, k and lse, dp from do and v, over the same blocks as the forward."""
+    hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
     t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -139,29 +174,22 @@ def _slc_bwd_chunk_kernel(
     delta = tl.load(DELTA + row_q, mask=valid, other=0.0)
     sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
                   mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
+    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
     dq = tl.zeros([BLOCK_Q * GP, BLOCK_DK], dtype=tl.float32)
-    chunk = tile * HKV + hkv
-    for i in range(0, tl.load(COUNT + chunk)):
-        blk = tl.load(UNION + chunk * (BLOCK_Q * NSEL) + i)
-        chosen = tl.sum((sel == blk).to(tl.int32), 1) > 0
+    for i in range(0, count):
+        blk = tl.load(blocks + i)
+        chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
         for s0 in range(blk * LS, tl.minimum((blk + 1) * LS, t_last + 1), BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             # Load nothing past the chunk's last query: that also keeps loads inside the sequence.
             in_blk = (s < (blk + 1) * LS) & (s <= t_last)
             row_kv = (bos + s) * HKV + hkv
-            mask_k = in_blk[:, None] & (offs_dk < DK)[None, :]
-            mask_v = in_blk[:, None] & (offs_dv < DV)[None, :]
-            k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=mask_k, other=0.0)
-            v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=mask_v, other=0.0)
+            k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
+            v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
             visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
             p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
             dq += tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
-            if ATOMIC:
-                dk_part = tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION) * scale
-                dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                tl.atomic_add(DK_ACC + row_kv[:, None] * DK + offs_dk[None, :], dk_part, mask=mask_k)
-                tl.atomic_add(DV_ACC + row_kv[:, None] * DV + offs_dv[None, :], dv_part, mask=mask_v)
     tl.store(DQ + row_q[:, None] * DK + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
 
 
@@ -169,27 +197,31 @@ def _slc_bwd_chunk_kernel(
     configs=autotune_configs([
         triton.Config({}, num_warps=8, num_stages=2),
         triton.Config({}, num_warps=4, num_stages=2),
+        triton.Config({}, num_warps=8, num_stages=3),
         triton.Config({}, num_warps=8, num_stages=1),
     ]),
     key=["DK", "DV", "G", "LS"],
 )
 @triton.jit
-def _slc_bwd_block_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU, BLOCKS, OFFSETS, QUERIES, qk_scale, scale,
+def _slc_bwd_segment_kernel(
+    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, DK_PART, DV_PART, CU, BLOCKS, SEGMENTS, QUERIES, qk_scale, scale, NB,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dk/dv of one key block of one KV head, summed over the queries that selected it in token order."""
-    pid = tl.program_id(0)
-    hkv = pid % HKV
-    gb = pid // HKV
+    """dk/dv of one key block of one KV head, summed over one segment of the queries that selected it, in
+    token order: into dk/dv where the block has one segment, else into its float32 partial slot."""
+    seg = tl.program_id(0)
+    row = tl.load(SEGMENTS + 4 * seg)
+    first = tl.load(SEGMENTS + 4 * seg + 1)
+    end = tl.load(SEGMENTS + 4 * seg + 2)
+    slot = tl.load(SEGMENTS + 4 * seg + 3).to(tl.int64)
+    hkv = row // NB
+    gb = row % NB
     seq = tl.load(BLOCKS + 2 * gb)
     blk = tl.load(BLOCKS + 2 * gb + 1)
     bos = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - bos
-    first = tl.load(OFFSETS + hkv * (tl.num_programs(0) // HKV) + gb)
-    end = tl.load(OFFSETS + hkv * (tl.num_programs(0) // HKV) + gb + 1)
     key_end = tl.minimum((blk + 1) * LS, L)
 
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -219,8 +251,50 @@ def _slc_bwd_block_kernel(
             p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION)
-        tl.store(DK_OUT + row_kv[:, None] * DK + offs_dk[None, :], (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_k)
-        tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
+        if slot < 0:
+            tl.store(DK_OUT + row_kv[:, None] * DK + offs_dk[None, :], (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_k)
+            tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
+        else:
+            key = s - blk * LS
+            tl.store(DK_PART + (slot * LS + key)[:, None] * DK + offs_dk[None, :], dk * scale, mask=mask_k)
+            tl.store(DV_PART + (slot * LS + key)[:, None] * DV + offs_dv[None, :], dv, mask=mask_v)
+
+
+@triton.jit
+def _slc_bwd_reduce_kernel(
+    DK_OUT, DV_OUT, DK_PART, DV_PART, CU, BLOCKS, ROW_SLOTS, NB,
+    HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, LS: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dk/dv of one key block of one KV head with several segments: their partials added in segment order."""
+    row = tl.program_id(0)
+    first = tl.load(ROW_SLOTS + 2 * row).to(tl.int64)
+    num = tl.load(ROW_SLOTS + 2 * row + 1)
+    if num > 0:
+        hkv = row // NB
+        gb = row % NB
+        seq = tl.load(BLOCKS + 2 * gb)
+        blk = tl.load(BLOCKS + 2 * gb + 1)
+        bos = tl.load(CU + seq).to(tl.int64)
+        L = tl.load(CU + seq + 1) - bos
+        key_end = tl.minimum((blk + 1) * LS, L)
+        offs_dk = tl.arange(0, BLOCK_DK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        for s0 in range(blk * LS, key_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            in_blk = s < key_end
+            key = s - blk * LS
+            mask_k = in_blk[:, None] & (offs_dk < DK)[None, :]
+            mask_v = in_blk[:, None] & (offs_dv < DV)[None, :]
+            dk = tl.zeros([BLOCK_S, BLOCK_DK], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_S, BLOCK_DV], dtype=tl.float32)
+            for slot in range(first, first + num):
+                part = slot * LS + key
+                dk += tl.load(DK_PART + part[:, None] * DK + offs_dk[None, :], mask=mask_k, other=0.0)
+                dv += tl.load(DV_PART + part[:, None] * DV + offs_dv[None, :], mask=mask_v, other=0.0)
+            row_kv = (bos + s) * HKV + hkv
+            tl.store(DK_OUT + row_kv[:, None] * DK + offs_dk[None, :], dk.to(DK_OUT.dtype.element_ty), mask=mask_k)
+            tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
 
 
 def _key_tile(slc_block: int) -> int:
@@ -228,8 +302,9 @@ def _key_tile(slc_block: int) -> int:
     return max(16, min(64, triton.next_power_of_2(slc_block)))
 
 
-def _queries_per_program(G: int) -> int:
-    return max(1, ROWS // triton.next_power_of_2(G))
+def _queries_per_step(G: int, rows: int) -> int:
+    """Queries whose G heads (padded) fill `rows` rows of the M side: 1 where G alone reaches them."""
+    return max(1, rows // triton.next_power_of_2(G))
 
 
 def _check_idx(idx, q, k, cfg: SparsityConfig) -> None:
@@ -240,15 +315,29 @@ def _check_idx(idx, q, k, cfg: SparsityConfig) -> None:
         raise ValueError(f"idx must have shape [N_tok, HKV, num_selected] = {expected}, got {tuple(idx.shape)}")
 
 
-def _chunk_blocks(idx, packed: Packed, Q: int):
-    """The chunks of Q consecutive queries of one sequence and, per chunk and KV head, the union of their
-    selected blocks.
+def _sequence_lengths(packed: Packed) -> list[int]:
+    """The length of each packed sequence, on the host: the grids' one read of cu_seqlens."""
+    cu = packed.cu_seqlens.tolist()
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
 
-    Returns tiles int32 [C, 2] (sequence, first position), union int32 [C, HKV, Q * n] (ascending, NO_BLOCK
-    after the last) and count int32 [C, HKV] (the size of each union).
+
+def _query_chunks(lengths: list[int], Q: int, device) -> torch.Tensor:
+    """int32 [C, 2]: (sequence, first position) of every chunk of Q consecutive queries, built on the device
+    (at Q = 1 and T = 64k a host loop over the chunks would cost more than the kernel)."""
+    per_seq = torch.tensor([-(-n // Q) for n in lengths], dtype=torch.long, device=device)
+    C = sum(-(-n // Q) for n in lengths)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), per_seq, output_size=C)
+    first_chunk = torch.cumsum(per_seq, 0) - per_seq
+    start = (torch.arange(C, device=device) - first_chunk[seq]) * Q
+    return torch.stack([seq, start], dim=1).to(torch.int32).contiguous()
+
+
+def _chunk_blocks(idx, packed: Packed, tiles: torch.Tensor, Q: int):
+    """Per chunk of Q consecutive queries (tiles [C, 2], Q > 1) and KV head, the union of their selected blocks.
+
+    Returns union int32 [C, HKV, Q * n] (ascending, NO_BLOCK after the last) and count int32 [C, HKV] (its size).
     """
     N, HKV, n = idx.shape
-    tiles = query_tiles(packed, Q)
     cu = packed.cu_seqlens.long()
     seq, start = tiles[:, 0].long(), tiles[:, 1].long()
     pos = start[:, None] + torch.arange(Q, device=idx.device)
@@ -261,37 +350,66 @@ def _chunk_blocks(idx, packed: Packed, Q: int):
     repeat[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
     blocks = torch.where(repeat, NO_BLOCK, blocks).sort(dim=-1).values
     count = (blocks != NO_BLOCK).sum(dim=-1)
-    return tiles, blocks.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
+    return blocks.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
 
 
-def _block_queries(idx, packed: Packed, cfg: SparsityConfig):
-    """The inverse map of idx: which queries selected each key block, per KV head, as a CSR.
+def _chunks(idx, packed: Packed, lengths: list[int], Q: int):
+    """(tiles, union, count) for the forward and dq kernels; at Q = 1 the kernels read idx itself and the
+    union tables are idx (never read) and an empty count."""
+    tiles = _query_chunks(lengths, Q, idx.device)
+    if Q == 1:
+        return tiles, idx, idx.new_zeros(1)
+    return (tiles, *_chunk_blocks(idx, packed, tiles, Q))
 
-    Key blocks are numbered across the packed sequences (global block gb). Returns blocks int32 [NB, 2]
-    (sequence, block index in it), offsets int32 [HKV * NB + 1] (row hkv * NB + gb) and queries int32 (packed
-    token of each entry, ascending within a row: a stable sort keeps token order, hence a fixed summation order).
+
+def _block_segments(idx, packed: Packed, lengths: list[int], cfg: SparsityConfig, segment: int):
+    """The inverse map of idx, which queries selected each key block per KV head, cut into segments.
+
+    Key blocks are numbered across the packed sequences (global block gb, NB of them); row hkv * NB + gb of the
+    CSR lists the packed tokens that selected block gb for KV head hkv, ascending (a stable sort keeps token
+    order, hence a fixed summation order). Each row is cut into max(1, ceil(count / segment)) segments (an
+    unselected block still gets one, which writes its zero gradient).
+
+    Returns blocks int32 [NB, 2] (sequence, block index in it), queries int32 [>= 1] (the CSR's tokens),
+    segments int32 [S, 4] (row, first entry, end entry, partial slot or -1 where the row has one segment),
+    row_slots int32 [HKV * NB, 2] (first partial slot, number of slots: 0 for a row written directly) and the
+    number of partial slots.
     """
     N, HKV, n = idx.shape
     device = idx.device
-    cu = packed.cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    num_blocks = (lengths + cfg.slc_block - 1) // cfg.slc_block
-    block_start = torch.cat([num_blocks.new_zeros(1), num_blocks.cumsum(0)])
-    NB = int(block_start[-1])
-    seqs = torch.arange(packed.num_seqs, device=device)
-    seq_of_token = torch.repeat_interleave(seqs, lengths, output_size=N)
-    gb = block_start[seq_of_token][:, None, None] + idx.long()
-    key = torch.arange(HKV, device=device)[None, :, None] * NB + gb
-    key = torch.where(idx >= 0, key, HKV * NB).flatten()
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=HKV * NB + 1)[: HKV * NB]
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    queries = (order[: int(offsets[-1])] // (HKV * n)).to(torch.int32)
+    num_blocks = [-(-length // cfg.slc_block) for length in lengths]
+    NB = sum(num_blocks)
+    R = HKV * NB
+    nb = torch.tensor(num_blocks, dtype=torch.long, device=device)
+    block_start = torch.cumsum(nb, 0) - nb
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                           torch.tensor(lengths, dtype=torch.long, device=device), output_size=N)
+    row = torch.arange(HKV, device=device)[None, :, None] * NB + block_start[seq_of_token][:, None, None] + idx.long()
+    row = torch.where(idx >= 0, row, R).flatten()
+    order = torch.argsort(row, stable=True)
+    counts = torch.bincount(row, minlength=R + 1)[:R]
+    offsets = torch.cumsum(counts, 0) - counts
+    # Entries of no block (idx = -1) sort last and are never read.
+    queries = (order // (HKV * n)).to(torch.int32)
+
+    num_seg = torch.clamp((counts + segment - 1) // segment, min=1)
+    num_slots = torch.where(num_seg > 1, num_seg, 0)
+    S, P = (int(x) for x in torch.stack([num_seg.sum(), num_slots.sum()]).tolist())
+    seg_row = torch.repeat_interleave(torch.arange(R, device=device), num_seg, output_size=S)
+    seg_first = torch.cumsum(num_seg, 0) - num_seg
+    seg_in_row = torch.arange(S, device=device) - seg_first[seg_row]
+    first = offsets[seg_row] + seg_in_row * segment
+    end = torch.minimum(first + segment, offsets[seg_row] + counts[seg_row])
+    slot_first = torch.cumsum(num_slots, 0) - num_slots
+    slot = torch.where(num_seg[seg_row] > 1, slot_first[seg_row] + seg_in_row, -1)
+    segments = torch.stack([seg_row, first, end, slot], dim=1).to(torch.int32).contiguous()
+    row_slots = torch.stack([slot_first, num_slots], dim=1).to(torch.int32).contiguous()
+
+    seq_of_block = torch.repeat_interleave(torch.arange(len(lengths), device=device), nb, output_size=NB)
+    blocks = torch.stack([seq_of_block, torch.arange(NB, device=device) - block_start[seq_of_block]], dim=1)
     if queries.numel() == 0:
         queries = torch.zeros(1, dtype=torch.int32, device=device)
-    seq_of_block = torch.repeat_interleave(seqs, num_blocks, output_size=NB)
-    blocks = torch.stack([seq_of_block, torch.arange(NB, device=device) - block_start[seq_of_block]], dim=1)
-    return blocks.to(torch.int32).contiguous(), offsets.to(torch.int32), queries
+    return blocks.to(torch.int32).contiguous(), queries, segments, row_slots, P
 
 
 def _launch_args(q, k, v, cfg: SparsityConfig):
@@ -320,8 +438,8 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
     N, HQ, _ = q.shape
     HKV, DV = k.shape[1], v.shape[2]
-    Q = _queries_per_program(HQ // HKV)
-    tiles, union, count = _chunk_blocks(idx, packed, Q)
+    Q = _queries_per_step(HQ // HKV, QUERY_ROWS)
+    tiles, union, count = _chunks(idx, packed, _sequence_lengths(packed), Q)
     o = torch.empty(N, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
     _slc_fwd_kernel[(tiles.shape[0] * HKV,)](
@@ -331,40 +449,47 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     return o, lse
 
 
-def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale: float, deterministic: bool = False):
+def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale: float, deterministic: bool = False,
+            *, segment: int = SEGMENT):
     """Gradients of slc_fwd: (dq, dk, dv) shaped and typed like (q, k, v).
 
     Args:
         do: [N_tok, HQ, DV] gradient of o; o, lse: slc_fwd's outputs; the rest as in slc_fwd.
-        deterministic: accumulate dk/dv without atomics, walking the queries of each key block in token
-            order, so that two runs give bitwise-equal gradients; otherwise float32 atomics (faster, the
-            summation order varies from run to run).
+        deterministic: accepted for the callers' sake; the gradients are always bitwise reproducible (fixed
+            summation orders, no atomics), which is also the fastest way found.
+        segment: the most queries one dk/dv program walks for one key block (the rest go to further programs).
     """
     _check_idx(idx, q, k, cfg)
     do, q, k, v, lse, idx = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous(), idx.contiguous()
     N, HQ, DK = q.shape
     HKV, DV = k.shape[1], v.shape[2]
-    Q = _queries_per_program(HQ // HKV)
+    G = HQ // HKV
+    lengths = _sequence_lengths(packed)
     delta = attention_delta(o, do)
     launch = _launch_args(q, k, v, cfg)
+    scales = (scale * LOG2E, scale)
+
     dq = torch.empty_like(q)
-    if deterministic:
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dk_acc, dv_acc = dk, dv
-    else:
-        dk_acc = torch.zeros(N, HKV, DK, dtype=torch.float32, device=q.device)
-        dv_acc = torch.zeros(N, HKV, DV, dtype=torch.float32, device=q.device)
-    tiles, union, count = _chunk_blocks(idx, packed, Q)
-    _slc_bwd_chunk_kernel[(tiles.shape[0] * HKV,)](
-        q, k, v, do, lse, delta, dq, dk_acc, dv_acc, idx, packed.cu_seqlens, tiles, union, count, scale * LOG2E, scale,
-        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected), ATOMIC=not deterministic,
-        **launch,
+    Q = _queries_per_step(G, QUERY_ROWS)
+    tiles, union, count = _chunks(idx, packed, lengths, Q)
+    _slc_bwd_dq_kernel[(tiles.shape[0] * HKV,)](
+        q, k, v, do, lse, delta, dq, idx, packed.cu_seqlens, tiles, union, count, *scales,
+        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected), **launch,
     )
-    if not deterministic:
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
-    blocks, offsets, queries = _block_queries(idx, packed, cfg)
-    _slc_bwd_block_kernel[(blocks.shape[0] * HKV,)](
-        q, k, v, do, lse, delta, dk, dv, packed.cu_seqlens, blocks, offsets, queries, scale * LOG2E, scale,
-        BLOCK_Q=Q, **launch,
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    blocks, queries, segments, row_slots, P = _block_segments(idx, packed, lengths, cfg, segment)
+    NB = blocks.shape[0]
+    dk_part = torch.empty(max(P, 1), cfg.slc_block, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(max(P, 1), cfg.slc_block, DV, dtype=torch.float32, device=q.device)
+    _slc_bwd_segment_kernel[(segments.shape[0],)](
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, packed.cu_seqlens, blocks, segments, queries, *scales, NB,
+        BLOCK_Q=_queries_per_step(G, SEGMENT_ROWS), **launch,
     )
+    if P > 0:
+        _slc_bwd_reduce_kernel[(HKV * NB,)](
+            dk, dv, dk_part, dv_part, packed.cu_seqlens, blocks, row_slots, NB,
+            HKV=HKV, DK=DK, DV=DV, LS=cfg.slc_block, BLOCK_DK=launch["BLOCK_DK"], BLOCK_DV=launch["BLOCK_DV"],
+            BLOCK_S=launch["BLOCK_S"],
+        )
     return dq, dk, dv
