@@ -112,7 +112,7 @@ def _slc_fwd_kernel(
     Q, K, V, O, LSE, IDX, CU, TILES, UNION, COUNT, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
     t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
@@ -127,19 +127,20 @@ def _slc_fwd_kernel(
     acc = tl.zeros([BLOCK_Q * GP, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GP], dtype=tl.float32)
-    for i in range(0, count):
-        blk = tl.load(blocks + i)
+    # One flat loop over (block, key tile) so that the pipeliner prefetches the next block's K/V (a loop per
+    # block would have one iteration at l' = 64 and nothing to overlap).
+    for i in range(0, count * TILES_PER_BLOCK):
+        blk = tl.load(blocks + i // TILES_PER_BLOCK)
         chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
-        # Keys after the chunk's last query are never visible: the local block is cut there.
-        for s0 in range(blk * LS, tl.minimum((blk + 1) * LS, t_last + 1), BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            # Load nothing past the chunk's last query: that also keeps loads inside the sequence.
-            in_blk = (s < (blk + 1) * LS) & (s <= t_last)
-            row_kv = (bos + s) * HKV + hkv
-            k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
-            v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
-            visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
+        s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
+        # Keys after the chunk's last query are never visible: load nothing there (that also keeps loads
+        # inside the sequence).
+        in_blk = (s < (blk + 1) * LS) & (s <= t_last)
+        row_kv = (bos + s) * HKV + hkv
+        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
+        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
     o, lse = softmax_finish(acc, m_i, l_i)
     tl.store(O + row_q[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & (offs_dv < DV)[None, :])
     tl.store(LSE + row_q, lse, mask=valid)
@@ -159,7 +160,7 @@ def _slc_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of a chunk: p recomputed from q, k and lse, dp from do and v, over the same blocks as the forward."""
     hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
@@ -177,19 +178,18 @@ def _slc_bwd_dq_kernel(
     blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
     dq = tl.zeros([BLOCK_Q * GP, BLOCK_DK], dtype=tl.float32)
-    for i in range(0, count):
-        blk = tl.load(blocks + i)
+    # One flat loop over (block, key tile), as in the forward, so that the next block's K/V is prefetched.
+    for i in range(0, count * TILES_PER_BLOCK):
+        blk = tl.load(blocks + i // TILES_PER_BLOCK)
         chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
-        for s0 in range(blk * LS, tl.minimum((blk + 1) * LS, t_last + 1), BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            # Load nothing past the chunk's last query: that also keeps loads inside the sequence.
-            in_blk = (s < (blk + 1) * LS) & (s <= t_last)
-            row_kv = (bos + s) * HKV + hkv
-            k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
-            v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
-            visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
-            p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
-            dq += tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
+        s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
+        in_blk = (s < (blk + 1) * LS) & (s <= t_last)
+        row_kv = (bos + s) * HKV + hkv
+        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
+        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
+        p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
+        dq += tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + row_q[:, None] * DK + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
 
 
@@ -440,11 +440,13 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     HKV, DV = k.shape[1], v.shape[2]
     Q = _queries_per_step(HQ // HKV, QUERY_ROWS)
     tiles, union, count = _chunks(idx, packed, _sequence_lengths(packed), Q)
+    launch = _launch_args(q, k, v, cfg)
     o = torch.empty(N, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
     _slc_fwd_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, o, lse, idx, packed.cu_seqlens, tiles, union, count, scale * LOG2E,
-        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected), **_launch_args(q, k, v, cfg),
+        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
+        TILES_PER_BLOCK=triton.cdiv(cfg.slc_block, launch["BLOCK_S"]), **launch,
     )
     return o, lse
 
@@ -474,7 +476,8 @@ def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale
     tiles, union, count = _chunks(idx, packed, lengths, Q)
     _slc_bwd_dq_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, do, lse, delta, dq, idx, packed.cu_seqlens, tiles, union, count, *scales,
-        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected), **launch,
+        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
+        TILES_PER_BLOCK=triton.cdiv(cfg.slc_block, launch["BLOCK_S"]), **launch,
     )
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)

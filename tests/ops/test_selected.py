@@ -13,6 +13,7 @@ from tests.ops.attention_cases import check_against_reference, packed_inputs
 SMALL = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_init=1, num_local=2, window=32)
 WIDE = SparsityConfig(cmp_block=16, cmp_stride=16, slc_block=32, num_selected=4, num_init=1, num_local=1, window=32)
 TINY = SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=5, num_init=1, num_local=2, window=32)
+LONG = SparsityConfig(cmp_block=32, cmp_stride=16, slc_block=128, num_selected=2, num_init=1, num_local=1, window=32)
 ODD = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=24, num_selected=3, num_init=0, num_local=1, window=32)
 
 
@@ -66,7 +67,8 @@ def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device="cpu", segment=SEGMENT
         ([100], 8, 1, 16, 16, ODD, torch.float32, "top", SEGMENT),     # G = 8, l' = 24 (not a power of two), no init block
         ([77], 16, 1, 16, 16, WIDE, torch.float16, "random", 9),       # G = 16: one query per program
         ([45], 32, 1, 16, 16, SMALL, torch.float32, "random", SEGMENT),  # G = 32: one query, 32 rows
-        ([61], 2, 1, 144, 16, TINY, torch.float32, "top", 8),          # l' = 8 below the 16-key tile, DK padded to 256
+        ([61], 2, 1, 144, 16, TINY, torch.float32, "top", 8),
+        ([290], 4, 1, 16, 16, LONG, torch.float16, "random", 40),     # l' = 128: two 64-key tiles per block          # l' = 8 below the 16-key tile, DK padded to 256
     ],
 )
 def test_selected_matches_reference(lengths, HQ, HKV, DK, DV, cfg, dtype, how, segment):
