@@ -6,7 +6,12 @@ One program holds BLOCK_T queries of one KV group with all G heads of the group 
 tile it loads the compressed tokens that overlap those blocks (BJ * l'/d of them, plus the l/d - 1 before that
 reach into the first block), turns scale * q.k_cmp into the compressed branch's probabilities with cmp_fwd's
 lse, folds them into block scores with one product by the overlap matrix ov(i, j) / d, sums the G heads, and
-merges the tile into a running top-n kept in registers (num_selected rounds of a row maximum).
+merges the tile into a running top-n kept in registers.
+
+The running top-n is an unordered set of n keys per query with its minimum as the bar to enter: a tile costs
+one insertion round (a row maximum of the tile, an argmin of the set) per key that beats its row's bar, as many
+rounds as the row with the most such keys needs. Past the first tiles few blocks beat the n-th best seen so
+far, so most tiles need no round at all, where a sorted merge would pay n rounds for every tile.
 
 Top-n keys are int64: the float32 score's bits (order-preserving for scores >= 0) in the high word and
 2^31 - 1 - j in the low word, so that the larger key wins and equal scores go to the smaller block j. Forced
@@ -21,10 +26,10 @@ import triton.language as tl
 
 from ..config import SparsityConfig
 from .common import Packed, autotune_configs
-from .compressed import LOG2E, group_rows, group_tiling, tile_offsets
+from .compressed import LOG2E, dot_split, group_rows, group_tiling, load_split, tile_offsets
 
-# Compressed tokens per tile of the scoring product.
-BLOCK_N = 64
+# Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
+BLOCK_N = 128
 
 
 @triton.jit
@@ -47,15 +52,24 @@ def _configs():
     return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
-@triton.autotune(configs=_configs(), key=["G_PAD", "BLOCK_DK", "KP", "DOT_PREC"])
+@triton.jit
+def fold_exact(p, ov):
+    """p [M, K] @ ov [K, N] at float32 accuracy for ov exact in tf32 (overlaps / d are small integers): p as
+    its tf32 head plus the rest, two tf32 products with error ~2^-21 of p where tf32x3 would take three, so
+    near-ties stay resolved."""
+    p_head = (p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    rows = tl.dot(p_head, ov, input_precision="tf32")
+    return rows + tl.dot(p - p_head, ov, input_precision="tf32")
+
+
+@triton.autotune(configs=_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "KT", "KP", "DOT_PREC"])
 @triton.jit
 def select_blocks_kernel(
     q, k_cmp, lse, idx, cu_seqlens, cu_cmp, scale2, HKV,
-    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr, BJ: tl.constexpr, KP: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BJ: tl.constexpr, KT: tl.constexpr, KP: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    DOT_PREC: tl.constexpr, FOLD_PREC: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -69,22 +83,24 @@ def select_blocks_kernel(
     num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-    q_offs, dk_mask = tile_offsets(tok0 + t, kvh * G + g, HQ, DK, BLOCK_DK)
-    q_tile = tl.load(q + q_offs, mask=valid[:, None] & dk_mask, other=0.0)
+    qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
     # Padded heads and queries past the end get lse = +inf: probability 0, so they add nothing to the scores.
     lse2 = tl.load(lse + (tok0 + t).to(tl.int64) * HQ + kvh * G + g, mask=valid, other=float("inf")) * 1.4426950408889634
 
     tq = t0 + tl.arange(0, BLOCK_T)
     jt = tq // SLC_BLOCK
-    jj = tl.arange(0, KP)
-    best = tl.full([BLOCK_T, KP], -1, tl.int64)
+    jj = tl.arange(0, KT)
+    slot = tl.arange(0, KP)
+    # The top-n set: empty slots hold -1 (below every candidate); slots past n hold the largest int64, so
+    # they are never the minimum that the next insertion replaces.
+    best = tl.where(slot[None, :] < NUM_SELECTED, tl.full([BLOCK_T, KP], -1, tl.int64), 0x7FFFFFFFFFFFFFFF)
+    bar = tl.min(best, 1)
     # Blocks up to the last query's own block; queries past the end of the sequence are never stored.
     for j0 in range(0, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
         i = j0 * (SLC_BLOCK // CMP_STRIDE) - (CMP_BLOCK // CMP_STRIDE - 1) + tl.arange(0, BLOCK_N)
         in_seq = (i >= 0) & (i < num_cmp)
-        k_offs, _ = tile_offsets(cmp0 + i, kvh, HKV, DK, BLOCK_DK)
-        k_tile = tl.load(k_cmp + k_offs, mask=in_seq[:, None] & dk_mask, other=0.0)
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PREC) * scale2
+        ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+        s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
         visible = in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
 
@@ -93,8 +109,7 @@ def select_blocks_kernel(
         lo = tl.maximum(i[:, None] * CMP_STRIDE, j[None, :] * SLC_BLOCK)
         hi = tl.minimum(i[:, None] * CMP_STRIDE + CMP_BLOCK, (j[None, :] + 1) * SLC_BLOCK)
         ov = tl.where((jj < BJ)[None, :], tl.maximum(hi - lo, 0), 0).to(tl.float32) / CMP_STRIDE
-        rows = tl.dot(p, ov, input_precision=FOLD_PREC)
-        score = tl.sum(tl.reshape(rows, [BLOCK_T, G_PAD, KP]), 1)
+        score = tl.sum(tl.reshape(fold_exact(p, ov), [BLOCK_T, G_PAD, KT]), 1)
 
         # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
         candidate = (jj < BJ)[None, :] & (j[None, :] * SLC_BLOCK <= tq[:, None])
@@ -104,22 +119,35 @@ def select_blocks_kernel(
         bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
         key = (bits << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64)
         key = tl.where(candidate, key, -1)
-        best = largest(tl.reshape(tl.join(best, key), [BLOCK_T, 2 * KP]), NUM_SELECTED, KP, -1)
+
+        # Only keys above their row's bar enter; each round moves the largest remaining one of every row in,
+        # in place of the row's minimum (a row whose largest is below its bar is left as it is).
+        rounds = tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1))
+        for _ in range(rounds):
+            top = tl.max(key, 1)
+            out = tl.argmin(best, 1)
+            best = tl.where((slot[None, :] == out[:, None]) & (top > bar)[:, None], top[:, None], best)
+            key = tl.where(key == top[:, None], -1, key)
+            bar = tl.min(best, 1)
 
     # Order the chosen blocks by j: the largest -j first.
-    neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
+    chosen_slot = (best >= 0) & (slot[None, :] < NUM_SELECTED)
+    neg_j = tl.where(chosen_slot, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
     chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
     chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
-    offs = (tok0 + tq).to(tl.int64)[:, None] * (HKV * NUM_SELECTED) + kvh * NUM_SELECTED + jj[None, :]
-    tl.store(idx + offs, chosen, mask=(tq < seq_len)[:, None] & (jj < NUM_SELECTED)[None, :])
+    offs = (tok0 + tq).to(tl.int64)[:, None] * (HKV * NUM_SELECTED) + kvh * NUM_SELECTED + slot[None, :]
+    tl.store(idx + offs, chosen, mask=(tq < seq_len)[:, None] & (slot < NUM_SELECTED)[None, :])
 
 
-def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: float) -> torch.Tensor:
+def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: float,
+                  block_n: int = BLOCK_N) -> torch.Tensor:
     """Top-n selection blocks of every query and KV group (SPEC 3-4), from the compressed branch's lse.
 
     Args:
         q: [N_tok, HQ, DK] packed queries; k_cmp: [N_cmp, HKV, DK] packed per sequence;
         lse: [N_tok, HQ] float32, cmp_fwd's log-sum-exp (+inf where a query sees no compressed token).
+        block_n: compressed tokens per tile (a power of two, raised to fit one block): fewer blocks per tile
+            make tiny tests merge several tiles.
     Returns:
         idx [N_tok, HKV, num_selected] int32: block indices relative to the sequence start, ascending,
         -1 after the last selected block.
@@ -144,15 +172,13 @@ def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: flo
     tiling.pop("BLOCK_DV")
     tokens_per_block, lead = cfg.slc_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride - 1
     # A tile of BJ blocks reads BJ * l'/d tokens plus the `lead` before them that reach into its first block.
-    block_n = max(BLOCK_N, triton.next_power_of_2(tokens_per_block + lead))
-    kp = max(16, triton.next_power_of_2(n))
-    bj = min(kp, (block_n - lead) // tokens_per_block)
+    block_n = max(16, block_n, triton.next_power_of_2(tokens_per_block + lead))
+    bj = (block_n - lead) // tokens_per_block
     grid = (triton.cdiv(packed.max_len, tiling["BLOCK_T"]), packed.num_seqs * HKV)
     select_blocks_kernel[grid](
         q, k_cmp, lse, idx, packed.cu_seqlens, packed.cu_cmp, scale * LOG2E, HKV, DK=DK,
-        BLOCK_N=block_n, BJ=bj, KP=kp, NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
-        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
-        # Three tf32 passes keep the fold at float32 accuracy on tensor cores: near-ties stay resolved.
-        FOLD_PREC="tf32x3", **tiling,
+        BLOCK_N=block_n, BJ=bj, KT=max(16, triton.next_power_of_2(bj)), KP=triton.next_power_of_2(n),
+        NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
+        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, **tiling,
     )
     return idx

@@ -63,26 +63,29 @@ def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
     )
 
 
-# (lengths, batch, HQ, HKV, DK, cfg): selections with more candidates than slots, T < l, a batch of 2,
-# varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l'.
+# (lengths, batch, HQ, HKV, DK, cfg, block_n): selections with more candidates than slots, T < l, a batch of
+# 2, varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l', DK split
+# in two parts (48 = 32 + 16, 192 = 128 + 64). block_n = 32 or 16 makes tiles of 7 or 3 blocks, so that the
+# running top-n merges several tiles (the default 128 covers the whole of most tiny sequences).
 CASES = [
-    pytest.param([1200], None, 4, 2, 16, SparsityConfig(), id="paper-knobs-G2"),
-    pytest.param([20], None, 3, 1, 16, SparsityConfig(), id="T-below-l-G3"),
-    pytest.param(None, (2, 150), 2, 2, 16, SMALL, id="batch2-G1"),
-    pytest.param([37, 0, 201, 9], None, 8, 2, 32, SMALL, id="varlen-G4"),
-    pytest.param([130], None, 16, 1, 16, SMALL, id="G16"),
-    pytest.param([99], None, 8, 1, 16, SparsityConfig(16, 8, 48, 3, 0, 0), id="G8-slc48-nothing-forced"),
-    pytest.param([150], None, 6, 1, 16, SparsityConfig(32, 16, 32, 5, 1, 1), id="G6-l-equals-slc"),
+    pytest.param([800], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-7-block-tiles"),
+    pytest.param([700], None, 2, 1, 192, SparsityConfig(), 128, id="paper-knobs-DK192-31-block-tiles"),
+    pytest.param([20], None, 3, 1, 16, SparsityConfig(), 128, id="T-below-l-G3"),
+    pytest.param(None, (2, 150), 2, 2, 16, SMALL, 16, id="batch2-G1"),
+    pytest.param([37, 0, 201, 9], None, 8, 2, 48, SMALL, 16, id="varlen-G4-DK48"),
+    pytest.param([130], None, 16, 1, 16, SMALL, 128, id="G16"),
+    pytest.param([99], None, 8, 1, 16, SparsityConfig(16, 8, 48, 3, 0, 0), 16, id="G8-slc48-nothing-forced"),
+    pytest.param([150], None, 6, 1, 16, SparsityConfig(32, 16, 32, 5, 1, 1), 16, id="G6-l-equals-slc"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("lengths, batch, HQ, HKV, DK, cfg", CASES)
-def test_select_blocks_matches_reference(lengths, batch, HQ, HKV, DK, cfg, dtype):
+@pytest.mark.parametrize("lengths, batch, HQ, HKV, DK, cfg, block_n", CASES)
+def test_select_blocks_matches_reference(lengths, batch, HQ, HKV, DK, cfg, block_n, dtype):
     q, k_cmp, v_cmp, _, packed = cmp_inputs(lengths, HQ, HKV, DK, 16, cfg, dtype, batch=batch)
     scale = DK ** -0.5
     _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
-    idx = select_blocks(q, k_cmp, lse, packed, cfg, scale)
+    idx = select_blocks(q, k_cmp, lse, packed, cfg, scale, block_n=block_n)
     S, ref_idx = reference_scores(q, k_cmp, packed, cfg, scale)
     assert_same_selection(idx, ref_idx, S, packed, cfg)
 
