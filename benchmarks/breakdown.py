@@ -16,6 +16,7 @@ from triton.testing import do_bench
 from nsa import SparsityConfig
 from nsa.ops import compressed, selected, topk, window
 from nsa.ops.common import packed_layout
+from nsa.ops.gates import gates_bwd
 
 
 def bench(fn):
@@ -47,15 +48,17 @@ def main():
         idx = topk.select_blocks(q, k_cmp, lse_cmp, packed, cfg, scale)
         o_slc, lse_slc = selected.slc_fwd(q, k, v, idx, packed, cfg, scale)
         o_win, lse_win = window.win_fwd(q, k, v, packed, cfg.window, scale)
+        gates = torch.rand(T, HQ, 3, device=dev, dtype=torch.bfloat16)
         parts = {
             "packed_layout": lambda: packed_layout(1, T, None, cfg, dev),
             "cmp_fwd": lambda: compressed.cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale),
             "select_blocks": lambda: topk.select_blocks(q, k_cmp, lse_cmp, packed, cfg, scale),
             "slc_fwd": lambda: selected.slc_fwd(q, k, v, idx, packed, cfg, scale),
             "win_fwd": lambda: window.win_fwd(q, k, v, packed, cfg.window, scale),
+            "win_fwd_gated": lambda: window.win_fwd(q, k, v, packed, cfg.window, scale, gated=(gates, o_cmp, o_slc)),
+            "gates_bwd": lambda: gates_bwd(do, gates, o_cmp, o_slc, o_win),
             "cmp_bwd": lambda: compressed.cmp_bwd(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, packed, cfg, scale),
             "slc_bwd": lambda: selected.slc_bwd(do, q, k, v, o_slc, lse_slc, idx, packed, cfg, scale),
-            "slc_bwd_det": lambda: selected.slc_bwd(do, q, k, v, o_slc, lse_slc, idx, packed, cfg, scale, deterministic=True),
             "win_bwd": lambda: window.win_bwd(do, q, k, v, o_win, lse_win, packed, cfg.window, scale),
         }
         for name, fn in parts.items():
@@ -77,7 +80,8 @@ def main():
         print(f"T={T:6d} cudnn_fwd      {dense['cudnn_fwd']:.3f}", flush=True)
     for kernel in (compressed.cmp_fwd_kernel, topk.select_blocks_kernel, compressed.cmp_bwd_dkdv_kernel,
                    compressed.cmp_bwd_dq_kernel, window._win_fwd_kernel, window._win_bwd_dkdv_kernel,
-                   window._win_bwd_dq_kernel, selected._slc_fwd_kernel):
+                   window._win_bwd_dq_kernel, selected._slc_fwd_kernel, selected._slc_bwd_dq_kernel,
+                   selected._slc_bwd_segment_kernel):
         best = getattr(kernel, "best_config", None)
         print(getattr(kernel, "fn", kernel).__name__, best)
     if args.out:
