@@ -84,14 +84,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
-    """One key tile of an online softmax (FlashAttention) in base 2.
+def online_softmax(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """Folds one key tile into an online softmax (FlashAttention) in base 2.
 
-    q [M, DK], k [N, DK], v [N, DV] tiles; visible [M, N]; acc [M, DV], m_i [M], l_i [M] float32;
-    qk_scale = scale * log2(e). Returns the updated (acc, m_i, l_i).
+    s [M, N] base-2 scores, -inf where a key is not visible; v [N, DV]; acc [M, DV], m_i [M], l_i [M] float32.
+    Returns the updated (acc, m_i, l_i), and the tile's weights p [M, N] and the rescale alpha [M] of what came
+    before, for callers that fold p into other sums too.
     """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key keeps m = -inf: shift it by 0 so that no inf - inf turns into NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,7 +98,33 @@ def softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.conste
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, p, alpha
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """One key tile of an online softmax: scores of q [M, DK] against k [N, DK], visible [M, N];
+    qk_scale = scale * log2(e). Returns the updated (acc, m_i, l_i) (see online_softmax)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    acc, m_i, l_i, _, _ = online_softmax(acc, m_i, l_i, s, v, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def largest(x, K: tl.constexpr, WIDTH: tl.constexpr, empty):
+    """[rows, WIDTH]: the K largest entries of each row of x in descending order, then `empty` (the smallest
+    value x may hold). Entries above `empty` must be distinct within a row.
+
+    K rounds of a row maximum: a handful of reductions, where a bitonic sort of the merged rows would take
+    log^2 compare-and-swap stages (and minutes under the interpreter)."""
+    col = tl.arange(0, WIDTH)
+    out = tl.full([x.shape[0], WIDTH], empty, x.dtype)
+    for r in tl.static_range(K):
+        top = tl.max(x, 1)
+        out = tl.where(col[None, :] == r, top[:, None], out)
+        x = tl.where(x == top[:, None], empty, x)
+    return out
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import Packed, attention_delta, autotune_configs, interpreting
+from .common import Packed, attention_delta, autotune_configs, interpreting, online_softmax
 
 LOG2E = 1.4426950408889634
 # Rows (queries x heads of a group) per program: the M side of every product.
@@ -132,14 +132,8 @@ def fwd_tile(acc, m_i, l_i, qa, qb, k_cmp, v_cmp, n0, cmp0, num_cmp, kvh, HKV, t
     s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
     if MASKED:
         s = tl.where(i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
-    alpha = tl.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    acc, m_i, l_i, _, _ = online_softmax(acc, m_i, l_i, s, v_tile, DOT_PREC)
+    return acc, m_i, l_i
 
 
 @triton.autotune(configs=_tile_configs(_FWD_CONFIGS), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "BLOCK_DV", "DOT_PREC"])

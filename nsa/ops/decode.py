@@ -31,8 +31,7 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import LOG2E, dot_precision, interpreting, padded_dim, softmax_step
-from .topk import largest
+from .common import LOG2E, dot_precision, interpreting, largest, online_softmax, padded_dim, softmax_step
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
 NUM_SMS = 132
@@ -97,18 +96,12 @@ def cmp_split_kernel(
         # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
         visible = row_ok[:, None] & in_chunk[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, v, PRECISION)
         # SPEC 3's fold by ov(i, j) / d, on the probabilities still relative to this chunk's running max.
         lo = tl.maximum(i[:, None] * CMP_STRIDE, j[None, :] * SLC_BLOCK)
         hi = tl.minimum(i[:, None] * CMP_STRIDE + CMP_BLOCK, (j[None, :] + 1) * SLC_BLOCK)
         ov = tl.where((jj <= JC)[None, :], tl.maximum(hi - lo, 0), 0).to(tl.float32) / CMP_STRIDE
         bs = bs * alpha[:, None] + tl.dot(p, ov, input_precision=FOLD_PREC)
-        m_i = m_new
 
     # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
     srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g

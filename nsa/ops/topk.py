@@ -25,27 +25,11 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import Packed, autotune_configs
+from .common import Packed, autotune_configs, largest
 from .compressed import LOG2E, dot_split, group_rows, group_tiling, load_split, tile_offsets
 
 # Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
 BLOCK_N = 128
-
-
-@triton.jit
-def largest(x, K: tl.constexpr, WIDTH: tl.constexpr, empty):
-    """[rows, WIDTH]: the K largest entries of each row of x in descending order, then `empty` (the smallest
-    value x may hold). Entries above `empty` must be distinct within a row.
-
-    K rounds of a row maximum: a handful of reductions, where a bitonic sort of the merged rows would take
-    log^2 compare-and-swap stages (and minutes under the interpreter)."""
-    col = tl.arange(0, WIDTH)
-    out = tl.full([x.shape[0], WIDTH], empty, x.dtype)
-    for r in tl.static_range(K):
-        top = tl.max(x, 1)
-        out = tl.where(col[None, :] == r, top[:, None], out)
-        x = tl.where(x == top[:, None], empty, x)
-    return out
 
 
 def _configs():
