@@ -56,13 +56,14 @@ class NSAConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     attn_impl: str = "nsa"
     share_win_kv: bool = False
-    cmp_block: int = 32
-    cmp_stride: int = 16
-    slc_block: int = 64
-    num_selected: int = 16
-    num_init: int = 1
-    num_local: int = 2
-    window: int = 512
+    # SparsityConfig's fields, flat; their defaults are SparsityConfig's (the paper's).
+    cmp_block: int = SparsityConfig.cmp_block
+    cmp_stride: int = SparsityConfig.cmp_stride
+    slc_block: int = SparsityConfig.slc_block
+    num_selected: int = SparsityConfig.num_selected
+    num_init: int = SparsityConfig.num_init
+    num_local: int = SparsityConfig.num_local
+    window: int = SparsityConfig.window
 
     def __post_init__(self, **kwargs):
         sparsity = kwargs.pop("sparsity", None)
