@@ -168,6 +168,9 @@ def build_flex(cfg: BenchConfig, batch: int, seqlen: int, device, dtype) -> Buil
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _compiled_flex is None:
+        # Every shape, and the switch between grad and no-grad calls, is a recompilation of one function: past
+        # dynamo's default limit (8) it would fall back to the unfused path, which materializes the T x T scores.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seqlen, seqlen, device=device)
 
