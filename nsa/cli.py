@@ -6,6 +6,13 @@ import argparse
 
 from .bench import add_arguments as add_bench_arguments
 from .bench import run as run_bench
+from .train import add_arguments as add_train_arguments
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import run
+
+    run(args)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -24,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time NSA beside dense attention (cuDNN, flash, FlexAttention) and fla")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
+    train = sub.add_parser("train", help="train NSA and its dense twin on the same bytes; compare loss and retrieval")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
     return parser
 
 
