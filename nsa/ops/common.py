@@ -79,8 +79,62 @@ def padded_dim(dim: int) -> int:
     return triton.next_power_of_2(dim)
 
 
+def split_dim(dim: int) -> tuple[int, int]:
+    """Two power-of-two tile widths covering a head dimension, the second 0 when one suffices:
+    192 -> (128, 64), 48 -> (32, 16), 128 -> (128, 0). Never wider than next_power_of_2(dim): a product over
+    a split dimension is the sum of two products (dot_split), so DK = 192 costs 192 columns instead of 256."""
+    if dim % 16 or not 16 <= dim <= 256:
+        raise ValueError(f"head dimensions must be multiples of 16 between 16 and 256, got {dim}")
+    first = 1 << (dim.bit_length() - 1)
+    rest = dim - first
+    return first, (triton.next_power_of_2(rest) if rest else 0)
+
+
 # The kernels run the softmax in base 2 (exp2 is one instruction) and keep lse in base e.
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def tile_offsets(tok, head, H, D: tl.constexpr, BLOCK_D: tl.constexpr, D0: tl.constexpr = 0):
+    """int64 offsets [len(tok), BLOCK_D] of columns D0 .. D0 + BLOCK_D of a contiguous [N, H, D] tensor, and
+    the mask of the columns < D."""
+    d = D0 + tl.arange(0, BLOCK_D)
+    offs = (tok.to(tl.int64) * H + head)[:, None] * D + d[None, :]
+    return offs, (d < D)[None, :]
+
+
+@triton.jit
+def load_split(ptr, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The two column parts [len(tok), BLOCK_D] and [len(tok), BLOCK_D2] of rows (tok, head) of a contiguous
+    [N, H, D] tensor, zero on masked rows and past D. With BLOCK_D2 = 0 the second is the first again and
+    is never used (no product reads it)."""
+    offs, cols = tile_offsets(tok, head, H, D, BLOCK_D)
+    a = tl.load(ptr + offs, mask=rows[:, None] & cols, other=0.0)
+    if BLOCK_D2 > 0:
+        offs2, cols2 = tile_offsets(tok, head, H, D, BLOCK_D2, BLOCK_D)
+        b = tl.load(ptr + offs2, mask=rows[:, None] & cols2, other=0.0)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def store_split(ptr, a, b, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Stores the column parts of load_split, cast to ptr's type."""
+    offs, cols = tile_offsets(tok, head, H, D, BLOCK_D)
+    tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=rows[:, None] & cols)
+    if BLOCK_D2 > 0:
+        offs2, cols2 = tile_offsets(tok, head, H, D, BLOCK_D2, BLOCK_D)
+        tl.store(ptr + offs2, b.to(ptr.dtype.element_ty), mask=rows[:, None] & cols2)
+
+
+@triton.jit
+def dot_split(xa, xb, ya, yb, BLOCK_D2: tl.constexpr, PREC: tl.constexpr):
+    """x . y^T over a split dimension: xa, ya [*, BLOCK_D] and xb, yb [*, BLOCK_D2] -> [len(x), len(y)] fp32."""
+    s = tl.dot(xa, tl.trans(ya), input_precision=PREC)
+    if BLOCK_D2 > 0:
+        s += tl.dot(xb, tl.trans(yb), input_precision=PREC)
+    return s
 
 
 @triton.jit

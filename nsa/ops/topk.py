@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import Packed, autotune_configs, largest
-from .compressed import LOG2E, dot_split, group_rows, group_tiling, load_split, tile_offsets
+from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split, tile_offsets
+from .compressed import group_rows, group_tiling
 
 # Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
 BLOCK_N = 128
