@@ -5,9 +5,9 @@ do): nothing task-specific is trained. Each sample is scored teacher-forced, in 
 counts as right when the model's argmax at the position before it is that token. A sample whose answer tokens are all
 right is exactly one that greedy decoding would answer right.
 
-- Passkey (needle in a haystack): held-out text of the requested length with "The pass key is 48213. Remember it.
-  48213 is the pass key." inserted at a depth spread evenly over the samples, ending with "What is the pass key? The
-  pass key is 48213". The answer is the final five digits.
+- Passkey (needle in a haystack): held-out text of the requested length with "The pass key is 48213. Remember it."
+  inserted at a depth spread evenly over the samples, ending with "What is the pass key? The pass key is 48213". The
+  answer is the final five digits.
 - Multi-query associative recall (MQAR, as in Zoology): "key:value" pairs with three-letter keys and two-digit values,
   "qhe:42 bxt:07 ...", followed by queries of earlier keys ("bxt:07 ..."); the answers are the queried values.
 """
@@ -37,7 +37,7 @@ def passkey(filler: torch.Tensor, length: int, num_samples: int, generator: torc
     tokens, positions, answers = [], [], []
     for i in range(num_samples):
         key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=generator).tolist())
-        needle = encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        needle = encode(f" The pass key is {key}. Remember it. ")
         question = encode(f" What is the pass key? The pass key is {key}")
         hay_len = length - len(needle) - len(question)
         if hay_len < 1:
