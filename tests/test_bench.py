@@ -6,14 +6,16 @@ import pytest
 
 from nsa.bench import main
 from nsa.bench.configs import FULL_CONFIGS, dense_flops, make_plan, nsa_flops
+from nsa.bench.suite import Runner, spent
 
 
 def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
     main(["--tiny", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["mode"] == "tiny" and report["nsa_backend"] == "reference"
-    assert {"torch", "triton", "python"} <= report["environment"].keys()
-    assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_TFLOPs"] > 0
+    (run,) = report["runs"]
+    assert {"torch", "triton", "python"} <= run["environment"].keys()
+    assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_TFLOPs"] > 0
     assert {"timing", "flops", "bytes", "guard"} <= report["methodology"].keys()
 
     checks = [c for c in report["checks"] if c["impl"] == "nsa"]
@@ -59,3 +61,41 @@ def test_flop_counts():
     assert 0.1 < sparse / dense < 0.2
     # One query at t = 0: a single selected key, a single window key, no compressed token.
     assert nsa_flops(paper, 1, 1)[0] == 64 * 2 * 320 * 2
+
+
+def test_resume_completes_a_run_cut_short(tmp_path, monkeypatch, capsys):
+    first, merged = tmp_path / "first", tmp_path / "merged"
+    # The budget runs out after the first dozen rows: the rest are left "skipped" for the budget.
+    monkeypatch.setattr(Runner, "out_of_time", lambda self: len(self.results["rows"]) >= 12)
+    main(["--tiny", "--out", str(first)])
+    monkeypatch.undo()
+    cut = json.loads((first / "bench.json").read_text())
+    kept = [r for r in cut["rows"] if not spent(r)]
+    assert len(kept) >= 12 and any(spent(r) for r in cut["rows"])
+
+    main(["--tiny", "--out", str(merged), "--resume", str(first / "bench.json")])
+    report = json.loads((merged / "bench.json").read_text())
+    cases = [(r["config"], r["B"], r["T"], r["phase"], r["impl"]) for r in report["rows"]]
+    assert len(cases) == len(set(cases)) == len(cut["rows"])
+    assert not any(spent(r) for r in report["rows"])
+    assert len(report["runs"]) == 2 and report["runs"][0] == cut["runs"][0]
+    assert all(run["ceilings"]["matmul_TFLOPs"] > 0 for run in report["runs"])
+    by_case = {(r["config"], r["B"], r["T"], r["phase"], r["impl"]): r for r in report["rows"]}
+    for row in kept:
+        # A speedup is a ratio to the reference row, which the second run may have measured; the rest is as kept.
+        again = by_case[(row["config"], row["B"], row["T"], row["phase"], row["impl"])]
+        assert {k: v for k, v in again.items() if k != "speedup"} == {k: v for k, v in row.items() if k != "speedup"}
+    assert {r["run"] for r in report["rows"]} == {0, 1}
+    for row in report["rows"]:
+        ceil = report["runs"][row["run"]]["ceilings"]
+        if row["TFLOPs"]:
+            assert row["frac_matmul"] == row["TFLOPs"] / ceil["matmul_TFLOPs"]
+    assert set(report["plots"]) == {f"speedup_{p}.png" for p in ("fwd", "bwd", "fwdbwd", "layer", "decode")}
+    for name in report["plots"]:
+        assert (merged / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "run 1: copy" in capsys.readouterr().out
+
+    cut["runs"][0]["environment"]["torch"] = "0.0"
+    (tmp_path / "other.json").write_text(json.dumps(cut))
+    with pytest.raises(SystemExit, match="torch: 0.0 there"):
+        main(["--tiny", "--resume", str(tmp_path / "other.json")])

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phases", type=_names, help="comma-separated subset of: fwd, bwd, fwdbwd, layer, decode")
     parser.add_argument("--budget", type=float, metavar="S",
                         help="seconds after which rows not yet started are skipped (default 480 full, 100 quick)")
+    parser.add_argument("--resume", metavar="FILE",
+                        help="bench.json of an earlier run cut short: keep its rows, measure only those its time "
+                             "budget left out, write the merged result to --out (same mode, GPU, torch, triton)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     parser.add_argument("--backend", choices=("reference", "triton"),

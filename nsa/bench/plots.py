@@ -46,7 +46,7 @@ def plot_all(results: dict, out: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel(f"speedup over {reference}")
-        env = results["environment"]
+        env = results["runs"][0]["environment"]
         fig.suptitle(f"{title}: {env.get('gpu') or env.get('cpu')}, {results['dtype']}", fontsize=10)
         fig.tight_layout()
         name = f"speedup_{phase}.png"

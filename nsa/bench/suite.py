@@ -2,7 +2,8 @@
 
 A failing side or phase becomes a row with status "error" and the message; a side that cannot take a
 shape becomes status "skipped" with the reason; neither stops the run. bench.json is rewritten after
-every case, so that a run cut short still leaves what it measured.
+every case, so that a run cut short still leaves what it measured, and a later run given it to resume
+measures only the rows that the time budget left out. Every row names the run that measured it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import nsa
 
 from . import guard, impls
-from .configs import BYTE_RULE, FLOP_RULES, BenchConfig, Plan, make_plan
+from .configs import BYTE_RULE, FLOP_RULES, PHASES, BenchConfig, Plan, make_plan
 from .measure import bench_ms, ceilings, environment, peak_gb, reset_peak
 
 TRAINING = ("fwd", "bwd", "fwdbwd")
@@ -29,6 +30,13 @@ REFERENCE = {
     "cuda": {"train": "sdpa_cudnn", "layer": "dense_layer", "decode": "sdpa_decode"},
     "cpu": {"train": "sdpa_math", "layer": "dense_layer", "decode": "sdpa_decode"},
 }
+# Notes of rows that carry no measurement of their own: the budget's (measured again on resume) and the copies
+# of a dense baseline timed for another configuration of the same shape.
+BUDGET_NOTE = "time budget"
+SHARED_NOTE = "same dense shape as config"
+# What a resumed run must share with the runs it continues for their rows to stand in one table.
+SAME_MEASUREMENT = ("mode", "dtype", "nsa_backend", "reference_baseline", "methodology")
+SAME_MACHINE = ("gpu", "torch", "triton")
 LABELS = {
     "nsa": "NSA", "sdpa_cudnn": "SDPA cuDNN", "sdpa_math": "SDPA math (CPU)", "sdpa_flash": "SDPA flash (FA2)",
     "flex": "FlexAttention (compiled)", "fla": "fla parallel_nsa", "nsa_layer": "NSA layer",
@@ -105,17 +113,49 @@ def time_phase(built: impls.Built, phase: str, s: Settings) -> dict:
     return row
 
 
-class Runner:
-    """Runs a plan, keeping every row and check in `self.results`."""
+def spent(row: dict) -> bool:
+    """Whether the time budget left this row out."""
+    return row["status"] == "skipped" and row["note"].startswith(BUDGET_NOTE)
 
-    def __init__(self, plan: Plan, mode: str, s: Settings):
+
+def load_runs(path: str) -> dict:
+    """An earlier bench.json; one written before runs were recorded is that single run."""
+    with open(path) as f:
+        earlier = json.load(f)
+    if "runs" not in earlier:
+        earlier["runs"] = [{key: earlier.pop(key, None) for key in ("started", "environment", "ceilings", "elapsed_s")}]
+        for item in earlier["rows"] + earlier["checks"]:
+            item["run"] = 0
+    return earlier
+
+
+def check_resumable(earlier: dict, results: dict, path: str) -> None:
+    """Refuse to merge rows measured another way, on another GPU or by other torch or triton versions."""
+    differ = [(key, earlier.get(key), results[key]) for key in SAME_MEASUREMENT if earlier.get(key) != results[key]]
+    now = results["runs"][-1]["environment"]
+    differ += [(key, run["environment"].get(key), now[key]) for run in earlier["runs"] for key in SAME_MACHINE
+               if run["environment"].get(key) != now[key]]
+    differ += [(f"config {name}", shape, results["configs"][name]) for name, shape in earlier["configs"].items()
+               if results["configs"].get(name, shape) != shape]
+    if differ:
+        lines = "\n".join(f"  {key}: {str(then)[:120]} there, {str(now)[:120]} here" for key, then, now in differ)
+        raise SystemExit(f"--resume {path}: its rows were not measured as this run measures, so they cannot be "
+                         f"merged:\n{lines}")
+
+
+class Runner:
+    """Runs a plan, keeping every row and check in `self.results`; with `earlier` (an earlier run's results),
+    keeps its rows but those the time budget left out, and measures only the cases without a kept row."""
+
+    def __init__(self, plan: Plan, mode: str, s: Settings, earlier: dict | None = None, resume_path: str = ""):
         self.plan, self.mode, self.s = plan, mode, s
         self.started = time.monotonic()
         self.ref = REFERENCE[s.device.type]
         self.dense_cache: dict[tuple, dict] = {}
+        this_run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(s.device),
+                    "ceilings": None, "elapsed_s": None}
         self.results = {
-            "suite": "nsa bench", "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "nsa_version": nsa.__version__, "environment": environment(s.device),
+            "suite": "nsa bench", "mode": mode, "nsa_version": nsa.__version__, "runs": [this_run],
             "dtype": str(s.dtype).removeprefix("torch."), "nsa_backend": s.backend,
             "reference_baseline": self.ref,
             "methodology": {
@@ -136,8 +176,26 @@ class Runner:
                           "a side that cannot take a shape is 'skipped' with the reason"),
             },
             "configs": {c.name: c.describe() for c in plan.configs},
-            "phases": list(plan.phases), "ceilings": None, "checks": [], "rows": [],
+            "phases": list(plan.phases), "checks": [], "rows": [],
         }
+        # (config, B, T, phase, impl) -> the earlier row that stands for it. Kept rows come first in the result,
+        # so that a resumed run cut short again still leaves all of them in bench.json.
+        self.kept: dict[tuple, dict] = {}
+        if earlier is not None:
+            check_resumable(earlier, self.results, resume_path)
+            self.results["runs"] = earlier["runs"] + [this_run]
+            self.results["configs"] = {**earlier["configs"], **self.results["configs"]}
+            self.results["phases"] = [p for p in PHASES if p in earlier["phases"] or p in plan.phases]
+            self.results["checks"] = earlier["checks"]
+            self.kept = {(r["config"], r["B"], r["T"], r["phase"], r["impl"]): r
+                         for r in earlier["rows"] if not spent(r)}
+            self.results["rows"] = list(self.kept.values())
+            by_name = {c.name: c for c in plan.configs}
+            for row in self.kept.values():
+                if row["config"] in by_name and not row["note"].startswith(SHARED_NOTE):
+                    key = (row["impl"], by_name[row["config"]].dense_shape, row["B"], row["T"], row["phase"])
+                    self.dense_cache[key] = row
+        self.run_index = len(self.results["runs"]) - 1
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
@@ -149,16 +207,15 @@ class Runner:
 
     def add_row(self, cfg: BenchConfig, batch: int, seqlen: int, phase: str, impl: str, status: str, **fields):
         row = {"config": cfg.name, "B": batch, "T": seqlen, "phase": phase, "impl": impl,
-               "label": LABELS.get(impl, impl), "status": status, "note": "", "ms": None, "speedup": None,
-               "TFLOPs": None, "GBps": None, "frac_matmul": None, "frac_copy": None, "peak_GB": None}
+               "label": LABELS.get(impl, impl), "status": status, "note": "", "run": self.run_index, "ms": None,
+               "speedup": None, "TFLOPs": None, "GBps": None, "frac_matmul": None, "frac_copy": None, "peak_GB": None}
         row.update(fields)
-        ceil = self.results["ceilings"]
-        if ceil and row["TFLOPs"]:
-            row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_TFLOPs"]
-        if ceil and row["GBps"]:
-            row["frac_copy"] = row["GBps"] / ceil["copy_GBps"]
         self.results["rows"].append(row)
         return row
+
+    def kept_row(self, cfg: BenchConfig, batch: int, seqlen: int, phase: str, impl: str) -> dict | None:
+        """The earlier run's row of this case, if it is kept."""
+        return self.kept.get((cfg.name, batch, seqlen, phase, impl))
 
     def save(self) -> None:
         if not self.s.out:
@@ -181,8 +238,11 @@ class Runner:
 
     def measure(self, cfg, batch, seqlen, phase, impl, build, built=None, skip=None):
         """One row: build (unless `built` is given), time, record; errors and skips become the row."""
+        kept = self.kept_row(cfg, batch, seqlen, phase, impl)
+        if kept is not None:
+            return kept
         if skip is None and self.out_of_time():
-            skip = f"time budget ({self.s.budget_s:.0f} s) spent"
+            skip = f"{BUDGET_NOTE} ({self.s.budget_s:.0f} s) spent"
         if skip is not None:
             return self.add_row(cfg, batch, seqlen, phase, impl, "skipped", note=skip)
         reset_peak(self.s.device)
@@ -206,20 +266,25 @@ class Runner:
 
     def measure_dense(self, cfg, batch, seqlen, phase, impl, build, skip=None):
         """A dense baseline row, timed once per dense shape and shared by configurations with that shape."""
+        kept = self.kept_row(cfg, batch, seqlen, phase, impl)
+        if kept is not None:
+            return kept
         key = (impl, cfg.dense_shape, batch, seqlen, phase)
         if skip is None and key in self.dense_cache:
+            # The copy keeps the run of the row it copies: its fractions are shares of that run's ceilings.
             first = self.dense_cache[key]
             shared = {k: v for k, v in first.items() if k not in ("config", "B", "T", "phase", "impl", "label", "status")}
-            shared["note"] = f"same dense shape as config {first['config']}: timed once; {first['note']}".rstrip("; ")
+            shared["note"] = f"{SHARED_NOTE} {first['config']}: timed once; {first['note']}".rstrip("; ")
             return self.add_row(cfg, batch, seqlen, phase, impl, first["status"], **shared)
         row = self.measure(cfg, batch, seqlen, phase, impl, build, skip=skip)
-        if skip is None:
+        # A budget skip is no figure to share: a resumed run measures each of its copies again.
+        if skip is None and not spent(row):
             self.dense_cache[key] = row
         return row
 
     def guard_nsa(self, cfg, batch, seqlen, built) -> str | None:
         """Run the guard on the inputs NSA will be timed on; returns why NSA must not be timed, or None."""
-        check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "nsa"}
+        check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "nsa", "run": self.run_index}
         try:
             check.update(guard.check_nsa(cfg, built.inputs[0], self.s.backend, self.plan.guard_len))
         except Exception as error:  # a kernel that cannot even run the guard is not timed
@@ -227,7 +292,7 @@ class Runner:
             self.free(collect=True)
         self.results["checks"].append(check)
         if cfg.fla and self.s.device.type == "cuda":
-            fla_check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "fla"}
+            fla_check = {"config": cfg.name, "B": batch, "T": seqlen, "impl": "fla", "run": self.run_index}
             try:
                 fla_check.update(guard.check_fla(cfg, built.inputs[0], self.plan.guard_len))
             except Exception as error:  # informative only
@@ -244,7 +309,9 @@ class Runner:
             return
         args = (cfg, batch, seqlen, s.device, s.dtype)
         built, failure = None, None
-        if not self.out_of_time():
+        # NSA is built and guarded only where one of its phases is still to be timed.
+        to_time = any((cfg.name, batch, seqlen, phase, "nsa") not in self.kept for phase in phases)
+        if to_time and not self.out_of_time():
             try:
                 built = impls.build_nsa(*args, backend=s.backend)
             except Exception as error:  # recorded in each NSA row below
@@ -254,7 +321,7 @@ class Runner:
             failure = self.guard_nsa(cfg, batch, seqlen, built)
         for phase in phases:
             tick(cfg, batch, seqlen, phase, "nsa")
-            if failure:
+            if failure and self.kept_row(cfg, batch, seqlen, phase, "nsa") is None:
                 self.add_row(cfg, batch, seqlen, phase, "nsa", "error", note=failure)
             else:
                 self.measure(cfg, batch, seqlen, phase, "nsa", None, built=built)
@@ -309,7 +376,8 @@ class Runner:
     def run(self) -> dict:
         jobs = self.jobs()
         bar = _progress(sum(job[-1] for job in jobs))
-        self.results["ceilings"] = ceilings(self.s.device)
+        this_run = self.results["runs"][-1]
+        this_run["ceilings"] = ceilings(self.s.device)
         self.save()
 
         def tick(cfg, batch, seqlen, phase, impl):
@@ -318,11 +386,15 @@ class Runner:
 
         for job, cfg, batch, seqlen, _ in jobs:
             job(cfg, batch, seqlen, tick)
-            add_speedups(self.results["rows"], self.ref)
-            self.results["elapsed_s"] = self.elapsed()
+            self.derive()
+            this_run["elapsed_s"] = self.elapsed()
             self.save()
         bar.close()
         return self.results
+
+    def derive(self) -> None:
+        add_speedups(self.results["rows"], self.ref)
+        add_fractions(self.results["rows"], self.results["runs"])
 
 
 def _message(error: Exception) -> str:
@@ -340,6 +412,14 @@ def add_speedups(rows: list[dict], reference: dict) -> None:
     for row in rows:
         base = ref_ms.get((row["config"], row["B"], row["T"], row["phase"]))
         row["speedup"] = base / row["ms"] if base and row["status"] == "ok" and row["ms"] else None
+
+
+def add_fractions(rows: list[dict], runs: list[dict]) -> None:
+    """frac_matmul and frac_copy: the row's rate as a share of the ceilings measured by the row's own run."""
+    for row in rows:
+        ceil = runs[row["run"]]["ceilings"]
+        row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_TFLOPs"] if ceil and row["TFLOPs"] else None
+        row["frac_copy"] = row["GBps"] / ceil["copy_GBps"] if ceil and row["GBps"] else None
 
 
 def _progress(total: int):
@@ -403,11 +483,12 @@ def table(results: dict) -> str:
                       pct(nsa_row.get("frac_copy")), _fmt(nsa_row.get("peak_GB"), ".1f")))
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
     render = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    ceil = results.get("ceilings") or {}
-    env = results["environment"]
+    env = results["runs"][0]["environment"]
     ref = results["reference_baseline"]
-    out = [f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  "
-           f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} TFLOP/s",
+    ceils = [run["ceilings"] or {} for run in results["runs"]]
+    out = [f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  " + "; ".join(
+               (f"run {i}: " if len(ceils) > 1 else "") + f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  "
+               f"matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} TFLOP/s" for i, ceil in enumerate(ceils)),
            f"x = speedup over ref: {ref['train']} (layer: {ref['layer']}, decode: {ref['decode']}); "
            "TFLOP/s, %mm (of matmul), %bw (of copy), peak GB are NSA's",
            render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
@@ -460,7 +541,8 @@ def run(args) -> dict:
     if args.budget is None:
         args.budget = {"full": 480.0, "quick": 100.0, "tiny": 120.0}[mode]
     plan = select_plan(make_plan(mode), args)
-    results = Runner(plan, mode, settings(device, args)).run()
+    earlier = load_runs(args.resume) if args.resume else None
+    results = Runner(plan, mode, settings(device, args), earlier, args.resume).run()
     if args.out:
         from .plots import plot_all
 
