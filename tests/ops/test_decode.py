@@ -101,6 +101,18 @@ CASES = [
 ]
 
 
+def assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg, rtol=1e-4):
+    """assert_same_selection on the C new rows of each sequence (idx, idx_ref [B, C, HKV, n], scores [B, C, HKV, Ns]),
+    padded to the sequence's length so that the check reads each row's position from its index."""
+    for b, L in enumerate(lengths):
+        full_idx = torch.full((1, L, *idx.shape[2:]), -1, dtype=torch.int32)
+        full_ref = full_idx.clone()
+        full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
+        full_scores = torch.zeros(1, L, idx.shape[2], cfg.num_slc(L), dtype=torch.float64)
+        full_scores[:, L - C:] = scores[b]
+        assert_same_selection(full_idx, full_ref, full_scores, cfg, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}")
 def test_decode_equals_reference_at_the_new_positions(case, dtype):
@@ -110,14 +122,7 @@ def test_decode_equals_reference_at_the_new_positions(case, dtype):
     o, idx = run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capacity)
     o, idx = o.cpu(), idx.cpu()
     _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
-    for b, L in enumerate(lengths):
-        # Pad to the sequence's length so that the check reads each row's position from its index.
-        full_idx = torch.full((1, L, HKV, cfg.num_selected), -1, dtype=torch.int32)
-        full_ref = full_idx.clone()
-        full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
-        full_scores = torch.zeros(1, L, HKV, cfg.num_slc(L), dtype=torch.float64)
-        full_scores[:, L - C:] = scores[b]
-        assert_same_selection(full_idx, full_ref, full_scores, cfg)
+    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg)
     # Outputs under the kernel's selection (identical to the reference's up to ties).
     oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
     low = reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=idx)[0]
@@ -157,13 +162,7 @@ def test_paper_shapes_bf16_on_gpu(lengths):
     o, idx = run_decode(full, past, q, gates, lengths, C, PAPER, torch.bfloat16, scale, "ring", capacity)
     o, idx = o.cpu(), idx.cpu()
     _, idx_ref, scores = reference_rows(full, lengths, C, PAPER, torch.float64, scale)
-    for b, L in enumerate(lengths):
-        full_idx = torch.full((1, L, HKV, PAPER.num_selected), -1, dtype=torch.int32)
-        full_ref = full_idx.clone()
-        full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
-        full_scores = torch.zeros(1, L, HKV, PAPER.num_slc(L), dtype=torch.float64)
-        full_scores[:, L - C:] = scores[b]
-        assert_same_selection(full_idx, full_ref, full_scores, PAPER, rtol=1e-3)
+    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, PAPER, rtol=1e-3)
     oracle = reference_rows(full, lengths, C, PAPER, torch.float64, scale, block_indices=idx)[0]
     low = reference_rows(full, lengths, C, PAPER, torch.bfloat16, scale, block_indices=idx)[0]
     assert_within_rule("o", o, low, oracle, 2)
