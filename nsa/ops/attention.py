@@ -2,7 +2,9 @@
 
 The launchers read cu_seqlens on the host to lay out their grids, which a traced triton_op cannot do, so the
 ops are opaque custom_ops with fake implementations: torch.compile(fullgraph=True) keeps them as single nodes.
-The forward saves each branch's output and log-sum-exp (linear in T) for the backward.
+The forward saves each branch's output and log-sum-exp (linear in T) for the backward. Every backward kernel sums
+in a fixed order without atomics, so gradients are bitwise reproducible whether or not
+torch.use_deterministic_algorithms(True) is on, and no separate deterministic path exists.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, knobs, scale):
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, gates: Tensor,
                   k_win: Tensor, v_win: Tensor, cu_seqlens: Optional[Tensor], idx: Tensor, o_cmp: Tensor,
                   lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor, lse_win: Tensor, knobs: list[int],
-                  scale: float, deterministic: bool
+                  scale: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> the gradients of q, k, v, k_cmp, v_cmp, gates, k_win, v_win."""
     cfg = SparsityConfig(*knobs)
@@ -69,7 +71,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_
     qf = _flat(q)
     dgates, do_cmp, do_slc, do_win = gates_bwd(_flat(do), _flat(gates), o_cmp, o_slc, o_win)
     dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, qf, _flat(k_cmp), _flat(v_cmp), o_cmp, lse_cmp, packed, cfg, scale)
-    dq_slc, dk, dv = slc_bwd(do_slc, qf, _flat(k), _flat(v), o_slc, lse_slc, _flat(idx), packed, cfg, scale, deterministic)
+    dq_slc, dk, dv = slc_bwd(do_slc, qf, _flat(k), _flat(v), o_slc, lse_slc, _flat(idx), packed, cfg, scale)
     dq_win, dk_win, dv_win = win_bwd(do_win, qf, _flat(k_win), _flat(v_win), o_win, lse_win, packed, cfg.window, scale)
     # Summed in the inputs' dtype, as autograd sums the three branches' contributions to q.
     dq = dq.add_(dq_slc).add_(dq_win)
@@ -80,7 +82,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_
 
 @attention_bwd.register_fake
 def _(do, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, idx, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-      knobs, scale, deterministic):
+      knobs, scale):
     return tuple(torch.empty_like(x) for x in (q, k, v, k_cmp, v_cmp, gates, k_win, v_win))
 
 
@@ -90,11 +92,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, idx, o_cmp, lse_cmp, o_slc,
                           lse_slc, o_win, lse_win)
     ctx.knobs, ctx.scale = knobs, scale
-    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, do, *unused):
-    grads = attention_bwd(do.contiguous(), *ctx.saved_tensors, ctx.knobs, ctx.scale, ctx.deterministic)
+    grads = attention_bwd(do.contiguous(), *ctx.saved_tensors, ctx.knobs, ctx.scale)
     return (*grads, None, None, None)
 
 

@@ -451,14 +451,12 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     return o, lse
 
 
-def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale: float, deterministic: bool = False,
-            *, segment: int = SEGMENT):
-    """Gradients of slc_fwd: (dq, dk, dv) shaped and typed like (q, k, v).
+def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale: float, *, segment: int = SEGMENT):
+    """Gradients of slc_fwd: (dq, dk, dv) shaped and typed like (q, k, v), bitwise reproducible (fixed summation
+    orders, no atomics), which is also the fastest way found.
 
     Args:
         do: [N_tok, HQ, DV] gradient of o; o, lse: slc_fwd's outputs; the rest as in slc_fwd.
-        deterministic: accepted for the callers' sake; the gradients are always bitwise reproducible (fixed
-            summation orders, no atomics), which is also the fastest way found.
         segment: the most queries one dk/dv program walks for one key block (the rest go to further programs).
     """
     _check_idx(idx, q, k, cfg)
