@@ -90,6 +90,12 @@ def split_dim(dim: int) -> tuple[int, int]:
     return first, (triton.next_power_of_2(rest) if rest else 0)
 
 
+def split_blocks(dk: int, dv: int) -> dict:
+    """The tile widths of a kernel over split head dimensions: BLOCK_DK, BLOCK_DK2 and BLOCK_DV, BLOCK_DV2."""
+    (block_dk, block_dk2), (block_dv, block_dv2) = split_dim(dk), split_dim(dv)
+    return dict(BLOCK_DK=block_dk, BLOCK_DK2=block_dk2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2)
+
+
 # The kernels run the softmax in base 2 (exp2 is one instruction) and keep lse in base e.
 LOG2E = 1.4426950408889634
 
@@ -138,6 +144,27 @@ def dot_split(xa, xb, ya, yb, BLOCK_D2: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def zeros_split(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """float32 zeros [ROWS, BLOCK_D] and [ROWS, BLOCK_D2]: an accumulator over a split dimension. With
+    BLOCK_D2 = 0 the second is the first again and is never used."""
+    a = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    if BLOCK_D2 > 0:
+        b = tl.zeros([ROWS, BLOCK_D2], tl.float32)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def dot_acc_split(acc_a, acc_b, x, ya, yb, BLOCK_D2: tl.constexpr, PREC: tl.constexpr):
+    """acc += x . y where y's columns, hence acc's, are split: ya, acc_a [*, BLOCK_D] and yb, acc_b [*, BLOCK_D2]."""
+    acc_a += tl.dot(x, ya, input_precision=PREC)
+    if BLOCK_D2 > 0:
+        acc_b += tl.dot(x, yb, input_precision=PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
 def online_softmax(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     """Folds one key tile into an online softmax (FlashAttention) in base 2.
 
@@ -156,12 +183,23 @@ def online_softmax(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
+                       BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr):
+    """softmax_step over split head dimensions (split_dim): q, k in parts [*, BLOCK_DK] and [*, BLOCK_DK2],
+    v and acc in parts [*, BLOCK_DV] and [*, BLOCK_DV2]. Returns the updated (acc_a, acc_b, m_i, l_i)."""
+    s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    acc_a, m_i, l_i, p, alpha = online_softmax(acc_a, m_i, l_i, s, va, PRECISION)
+    if BLOCK_DV2 > 0:
+        acc_b = acc_b * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+    return acc_a, acc_b, m_i, l_i
+
+
+@triton.jit
 def softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
     """One key tile of an online softmax: scores of q [M, DK] against k [N, DK], visible [M, N];
     qk_scale = scale * log2(e). Returns the updated (acc, m_i, l_i) (see online_softmax)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    acc, m_i, l_i, _, _ = online_softmax(acc, m_i, l_i, s, v, PRECISION)
+    acc, _, m_i, l_i = softmax_step_split(acc, acc, m_i, l_i, q, q, k, k, v, v, visible, qk_scale, 0, 0, PRECISION)
     return acc, m_i, l_i
 
 
@@ -192,15 +230,17 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+def softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                      BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr):
     """Probabilities p and score gradients dz of one key tile, z = scale * q.k (FlashAttention-2).
 
-    q [M, DK], do [M, DV], lse2 [M] = lse * log2(e), delta [M] = rowsum(do * o), k [N, DK], v [N, DV].
+    q [M, DK], do [M, DV], k [N, DK], v [N, DV], each in the two parts of split_dim (a part of width 0 is never
+    read); lse2 [M] = lse * log2(e), delta [M] = rowsum(do * o).
     Returns p, dz [M, N] float32; then dq = scale * dz k, dk = scale * dz^T q, dv = p^T do.
     """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = dot_split(doa, dob, va, vb, BLOCK_DV2, PRECISION)
     return p, p * (dp - delta[:, None])
 
 

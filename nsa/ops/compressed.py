@@ -25,6 +25,7 @@ from .common import (
     Packed,
     attention_delta,
     autotune_configs,
+    dot_acc_split,
     dot_split,
     interpreting,
     load_split,
@@ -32,6 +33,7 @@ from .common import (
     split_dim,
     store_split,
     tile_offsets,
+    zeros_split,
 )
 
 # Rows (queries x heads of a group) per program: the M side of every product.
@@ -167,11 +169,7 @@ def cmp_bwd_dkdv_kernel(
     v_offs, dv_mask = tile_offsets(cmp0 + i, kvh, HKV, DV, BLOCK_DV)
     v_tile = tl.load(v_cmp + v_offs, mask=in_seq[:, None] & dv_mask, other=0.0)
 
-    dka = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
-    if BLOCK_DK2 > 0:
-        dkb = tl.zeros([BLOCK_N, BLOCK_DK2], tl.float32)
-    else:
-        dkb = dka
+    dka, dkb = zeros_split(BLOCK_N, BLOCK_DK, BLOCK_DK2)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # The first query that sees token n0 is n0*d + l - 1; chunk_len is a multiple of BLOCK_T.
     t_first = ((n0 * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T) * BLOCK_T
@@ -191,9 +189,7 @@ def cmp_bwd_dkdv_kernel(
         dv += tl.dot(p_t.to(do_tile.dtype), do_tile, input_precision=DOT_PREC)
         dp_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PREC)
         ds_t = (p_t * (dp_t - delta_row[None, :])).to(qa.dtype)
-        dka += tl.dot(ds_t, qa, input_precision=DOT_PREC)
-        if BLOCK_DK2 > 0:
-            dkb += tl.dot(ds_t, qb, input_precision=DOT_PREC)
+        dka, dkb = dot_acc_split(dka, dkb, ds_t, qa, qb, BLOCK_DK2, DOT_PREC)
 
     # Rows of chunk c start at c * N_cmp in the packed compressed axis.
     part = chunk * N_cmp + cmp0 + i
@@ -228,11 +224,7 @@ def cmp_bwd_dq_kernel(
     lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
     delta_row = tl.load(delta + row, mask=valid, other=0.0)
 
-    dqa = tl.zeros([BLOCK_T * G_PAD, BLOCK_DK], tl.float32)
-    if BLOCK_DK2 > 0:
-        dqb = tl.zeros([BLOCK_T * G_PAD, BLOCK_DK2], tl.float32)
-    else:
-        dqb = dqa
+    dqa, dqb = zeros_split(BLOCK_T * G_PAD, BLOCK_DK, BLOCK_DK2)
     # Queries past the end of the sequence would see tokens past num_cmp: those loads are masked.
     n_end = num_visible(t0 + BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     for n0 in range(0, n_end, BLOCK_N):
@@ -246,9 +238,7 @@ def cmp_bwd_dq_kernel(
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PREC)
         ds = (p * (dp - delta_row[:, None])).to(ka.dtype)
-        dqa += tl.dot(ds, ka, input_precision=DOT_PREC)
-        if BLOCK_DK2 > 0:
-            dqb += tl.dot(ds, kb, input_precision=DOT_PREC)
+        dqa, dqb = dot_acc_split(dqa, dqb, ds, ka, kb, BLOCK_DK2, DOT_PREC)
 
     store_split(dq, dqa * scale, dqb * scale, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
 

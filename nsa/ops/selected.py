@@ -29,11 +29,16 @@ from .common import (
     Packed,
     attention_delta,
     autotune_configs,
+    dot_acc_split,
     dot_precision,
+    load_split,
     padded_dim,
     softmax_finish,
     softmax_grad_step,
-    softmax_step,
+    softmax_step_split,
+    split_blocks,
+    store_split,
+    zeros_split,
 )
 
 # Rows on the M side of the forward's and dq's tl.dot: Q queries x G heads (padded); 16 is tl.dot's minimum,
@@ -111,20 +116,20 @@ def _chosen_rows(sel, blk, valid, BLOCK_Q: tl.constexpr):
 def _slc_fwd_kernel(
     Q, K, V, O, LSE, IDX, CU, TILES, UNION, COUNT, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
     t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_sel = tl.arange(0, BLOCK_NSEL)
-    q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    # Rows of q, o and k, v are addressed in their [N_tok * H, D] views (head 0 of 1).
+    qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
     sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
                   mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
     blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
-    acc = tl.zeros([BLOCK_Q * GP, BLOCK_DV], dtype=tl.float32)
+    acc_a, acc_b = zeros_split(BLOCK_Q * GP, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_Q * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GP], dtype=tl.float32)
     # One flat loop over (block, key tile) so that the pipeliner prefetches the next block's K/V (a loop per
@@ -137,12 +142,14 @@ def _slc_fwd_kernel(
         # inside the sequence).
         in_blk = (s < (blk + 1) * LS) & (s <= t_last)
         row_kv = (bos + s) * HKV + hkv
-        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
-        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+        va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
         visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
-    o, lse = softmax_finish(acc, m_i, l_i)
-    tl.store(O + row_q[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), mask=valid[:, None] & (offs_dv < DV)[None, :])
+        acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
+                                                    BLOCK_DK2, BLOCK_DV2, PRECISION)
+    oa, lse = softmax_finish(acc_a, m_i, l_i)
+    ob, _ = softmax_finish(acc_b, m_i, l_i)
+    store_split(O, oa, ob, row_q, 0, 1, valid, DV, BLOCK_DV, BLOCK_DV2)
     tl.store(LSE + row_q, lse, mask=valid)
 
 
@@ -159,25 +166,23 @@ def _slc_fwd_kernel(
 def _slc_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of a chunk: p recomputed from q, k and lse, dp from do and v, over the same blocks as the forward."""
     hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
     t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_sel = tl.arange(0, BLOCK_NSEL)
-    mask_q = valid[:, None] & (offs_dk < DK)[None, :]
-    q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=mask_q, other=0.0)
-    do = tl.load(DO + row_q[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
+    doa, dob = load_split(DO, row_q, 0, 1, valid, DV, BLOCK_DV, BLOCK_DV2)
     lse2 = tl.load(LSE + row_q, mask=valid, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_q, mask=valid, other=0.0)
     sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
                   mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
     blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
-    dq = tl.zeros([BLOCK_Q * GP, BLOCK_DK], dtype=tl.float32)
+    dqa, dqb = zeros_split(BLOCK_Q * GP, BLOCK_DK, BLOCK_DK2)
     # One flat loop over (block, key tile), as in the forward, so that the next block's K/V is prefetched.
     for i in range(0, count * TILES_PER_BLOCK):
         blk = tl.load(blocks + i // TILES_PER_BLOCK)
@@ -185,12 +190,13 @@ def _slc_bwd_dq_kernel(
         s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
         in_blk = (s < (blk + 1) * LS) & (s <= t_last)
         row_kv = (bos + s) * HKV + hkv
-        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_blk[:, None] & (offs_dk < DK)[None, :], other=0.0)
-        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_blk[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+        va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
         visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
-        p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
-        dq += tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + row_q[:, None] * DK + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
+        p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                  BLOCK_DK2, BLOCK_DV2, PRECISION)
+        dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
+    store_split(DQ, dqa * scale, dqb * scale, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
 
 
 @triton.autotune(
@@ -206,8 +212,8 @@ def _slc_bwd_dq_kernel(
 def _slc_bwd_segment_kernel(
     Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, DK_PART, DV_PART, CU, BLOCKS, SEGMENTS, QUERIES, qk_scale, scale, NB,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-    PRECISION: tl.constexpr,
+    LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DV2: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk/dv of one key block of one KV head, summed over one segment of the queries that selected it, in
     token order: into dk/dv where the block has one segment, else into its float32 partial slot."""
@@ -224,40 +230,39 @@ def _slc_bwd_segment_kernel(
     L = tl.load(CU + seq + 1) - bos
     key_end = tl.minimum((blk + 1) * LS, L)
 
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     r = tl.arange(0, BLOCK_Q * GP)
     g = r % GP
     for s0 in range(blk * LS, key_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         in_blk = s < key_end
+        # Rows are addressed in the [N_tok * H, D] views of q, k, v, do, dk, dv (head 0 of 1), and of the
+        # partials as [slots * LS, D].
         row_kv = (bos + s) * HKV + hkv
-        mask_k = in_blk[:, None] & (offs_dk < DK)[None, :]
-        mask_v = in_blk[:, None] & (offs_dv < DV)[None, :]
-        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=mask_k, other=0.0)
-        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=mask_v, other=0.0)
-        dk = tl.zeros([BLOCK_S, BLOCK_DK], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_S, BLOCK_DV], dtype=tl.float32)
+        ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+        va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
+        dka, dkb = zeros_split(BLOCK_S, BLOCK_DK, BLOCK_DK2)
+        dva, dvb = zeros_split(BLOCK_S, BLOCK_DV, BLOCK_DV2)
         for c in range(first, end, BLOCK_Q):
             entry = c + r // GP
             valid = (entry < end) & (g < G)
             tok = tl.load(QUERIES + entry, mask=valid, other=0).to(tl.int64)
             row_q = tok * HQ + hkv * G + g
-            q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=valid[:, None] & (offs_dk < DK)[None, :], other=0.0)
-            do = tl.load(DO + row_q[:, None] * DV + offs_dv[None, :], mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
+            qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
+            doa, dob = load_split(DO, row_q, 0, 1, valid, DV, BLOCK_DV, BLOCK_DV2)
             lse2 = tl.load(LSE + row_q, mask=valid, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_q, mask=valid, other=0.0)
             visible = valid[:, None] & (s[None, :] <= (tok - bos)[:, None]) & in_blk[None, :]
-            p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION)
+            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
+            dva, dvb = dot_acc_split(dva, dvb, tl.trans(p.to(doa.dtype)), doa, dob, BLOCK_DV2, PRECISION)
+            dka, dkb = dot_acc_split(dka, dkb, tl.trans(dz.to(qa.dtype)), qa, qb, BLOCK_DK2, PRECISION)
         if slot < 0:
-            tl.store(DK_OUT + row_kv[:, None] * DK + offs_dk[None, :], (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_k)
-            tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
+            store_split(DK_OUT, dka * scale, dkb * scale, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+            store_split(DV_OUT, dva, dvb, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
         else:
-            key = s - blk * LS
-            tl.store(DK_PART + (slot * LS + key)[:, None] * DK + offs_dk[None, :], dk * scale, mask=mask_k)
-            tl.store(DV_PART + (slot * LS + key)[:, None] * DV + offs_dv[None, :], dv, mask=mask_v)
+            part = slot * LS + s - blk * LS
+            store_split(DK_PART, dka * scale, dkb * scale, part, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+            store_split(DV_PART, dva, dvb, part, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.jit
@@ -266,7 +271,8 @@ def _slc_bwd_reduce_kernel(
     HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, LS: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dk/dv of one key block of one KV head with several segments: their partials added in segment order."""
+    """dk/dv of one key block of one KV head with several segments: their partials added in segment order.
+    Only additions: tiles padded to powers of two cost masked lanes here, not products."""
     row = tl.program_id(0)
     first = tl.load(ROW_SLOTS + 2 * row).to(tl.int64)
     num = tl.load(ROW_SLOTS + 2 * row + 1)
@@ -418,7 +424,7 @@ def _launch_args(q, k, v, cfg: SparsityConfig):
     G = HQ // HKV
     return dict(
         HQ=HQ, HKV=HKV, G=G, GP=triton.next_power_of_2(G), DK=DK, DV=DV, LS=cfg.slc_block,
-        BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV), BLOCK_S=_key_tile(cfg.slc_block),
+        **split_blocks(DK, DV), BLOCK_S=_key_tile(cfg.slc_block),
         PRECISION=dot_precision(q.dtype),
     )
 
@@ -490,7 +496,7 @@ def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale
     if P > 0:
         _slc_bwd_reduce_kernel[(HKV * NB,)](
             dk, dv, dk_part, dv_part, packed.cu_seqlens, blocks, row_slots, NB,
-            HKV=HKV, DK=DK, DV=DV, LS=cfg.slc_block, BLOCK_DK=launch["BLOCK_DK"], BLOCK_DV=launch["BLOCK_DV"],
+            HKV=HKV, DK=DK, DV=DV, LS=cfg.slc_block, BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV),
             BLOCK_S=launch["BLOCK_S"],
         )
     return dq, dk, dv

@@ -3,7 +3,8 @@
 A query tile of BLOCK_M positions visits only the key tiles that meet its band, about (BLOCK_M + w) / BLOCK_N
 of them, whatever T is. The backward is FlashAttention-2's split: one kernel owns a key tile of one KV head and
 sums over the G query heads of the group and the query tiles of the band (dk, dv without atomics, hence
-deterministic); another owns a query tile of one query head (dq).
+deterministic); another owns a query tile of one query head (dq). Head dimensions that are not powers of two
+run in two power-of-two parts (common.split_dim: 192 = 128 + 64) instead of padded.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from .common import (
     Packed,
     attention_delta,
     autotune_configs,
+    dot_acc_split,
     dot_precision,
+    load_split,
     padded_dim,
     query_tiles,
     softmax_finish,
     softmax_grad_step,
-    softmax_step,
+    softmax_step_split,
+    split_blocks,
+    store_split,
+    zeros_split,
 )
 
 # Query tile of the forward and of dq: fixed because the host lays out the tiles. A small tile wastes
@@ -33,6 +39,13 @@ BLOCK_Q = 64
 def _key_tile(DK: int) -> int:
     """Key tile of dk/dv: its float32 dk and dv accumulators live in registers, so wide heads take fewer keys."""
     return 64 if padded_dim(DK) <= 128 else 32
+
+
+@triton.jit
+def _gated_sum(g_cmp, g_slc, g_win, o_cmp, o_slc, o_win):
+    """g_cmp * o_cmp + g_slc * o_slc + g_win * o_win in float32, for gates [M] and one column part [M, *]."""
+    return (g_cmp[:, None] * o_cmp.to(tl.float32) + g_slc[:, None] * o_slc.to(tl.float32)
+            + g_win[:, None] * o_win.to(tl.float32))
 
 
 @triton.autotune(
@@ -47,8 +60,8 @@ def _key_tile(DK: int) -> int:
 def _win_fwd_kernel(
     Q, K, V, O, LSE, CU, TILES, qk_scale, window, GATES, O_CMP, O_SLC, OUT,
     HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):
     # Heads vary fastest so that the G heads of a group read the same K/V tiles while they sit in L2.
     pid = tl.program_id(0)
@@ -61,12 +74,12 @@ def _win_fwd_kernel(
     L = tl.load(CU + seq + 1) - bos
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    in_q = offs_m < L
+    # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
     row_q = (bos + offs_m) * HQ + hq
-    q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=(offs_m < L)[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc_a, acc_b = zeros_split(BLOCK_M, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
@@ -75,27 +88,31 @@ def _win_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         row_kv = (bos + offs_n) * (HQ // G) + hkv
         in_seq = offs_n < L
-        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_seq[:, None] & (offs_dk < DK)[None, :], other=0.0)
-        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_seq[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+        va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
-    o, lse = softmax_finish(acc, m_i, l_i)
-    out_offs = row_q[:, None] * DV + offs_dv[None, :]
-    out_mask = (offs_m < L)[:, None] & (offs_dv < DV)[None, :]
-    tl.store(O + out_offs, o.to(O.dtype.element_ty), mask=out_mask)
-    tl.store(LSE + row_q, lse, mask=offs_m < L)
+        acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
+                                                    BLOCK_DK2, BLOCK_DV2, PRECISION)
+    oa, lse = softmax_finish(acc_a, m_i, l_i)
+    ob, _ = softmax_finish(acc_b, m_i, l_i)
+    # o_win enters the gated sum as stored, in the inputs' dtype, as o_cmp and o_slc do.
+    oa, ob = oa.to(O.dtype.element_ty), ob.to(O.dtype.element_ty)
+    store_split(O, oa, ob, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
+    tl.store(LSE + row_q, lse, mask=in_q)
     if GATED:
         # SPEC 7 in this kernel's epilogue: the window branch is computed last, so the gated sum of the three
         # branches costs one extra read of o_cmp and o_slc instead of separate elementwise passes.
-        g_cmp = tl.load(GATES + row_q * 3, mask=offs_m < L, other=0.0).to(tl.float32)
-        g_slc = tl.load(GATES + row_q * 3 + 1, mask=offs_m < L, other=0.0).to(tl.float32)
-        g_win = tl.load(GATES + row_q * 3 + 2, mask=offs_m < L, other=0.0).to(tl.float32)
-        o_cmp = tl.load(O_CMP + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        o_slc = tl.load(O_SLC + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        # o_win enters as stored, in the inputs' dtype, as o_cmp and o_slc do.
-        o_win = o.to(O.dtype.element_ty).to(tl.float32)
-        out = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
-        tl.store(OUT + out_offs, out.to(OUT.dtype.element_ty), mask=out_mask)
+        g_cmp = tl.load(GATES + row_q * 3, mask=in_q, other=0.0).to(tl.float32)
+        g_slc = tl.load(GATES + row_q * 3 + 1, mask=in_q, other=0.0).to(tl.float32)
+        g_win = tl.load(GATES + row_q * 3 + 2, mask=in_q, other=0.0).to(tl.float32)
+        cmp_a, cmp_b = load_split(O_CMP, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
+        slc_a, slc_b = load_split(O_SLC, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
+        out_a = _gated_sum(g_cmp, g_slc, g_win, cmp_a, slc_a, oa)
+        if BLOCK_DV2 > 0:
+            out_b = _gated_sum(g_cmp, g_slc, g_win, cmp_b, slc_b, ob)
+        else:
+            out_b = out_a
+        store_split(OUT, out_a, out_b, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.autotune(
@@ -110,8 +127,8 @@ def _win_fwd_kernel(
 def _win_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU, TILES, qk_scale, scale, window,
     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hkv = pid % HKV
@@ -122,17 +139,14 @@ def _win_bwd_dkdv_kernel(
     L = tl.load(CU + seq + 1) - bos
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_seq = offs_n < L
+    # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
     row_kv = (bos + offs_n) * HKV + hkv
-    mask_k = in_seq[:, None] & (offs_dk < DK)[None, :]
-    mask_v = in_seq[:, None] & (offs_dv < DV)[None, :]
-    k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=mask_k, other=0.0)
-    v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=mask_v, other=0.0)
+    ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dka, dkb = zeros_split(BLOCK_N, BLOCK_DK, BLOCK_DK2)
+    dva, dvb = zeros_split(BLOCK_N, BLOCK_DV, BLOCK_DV2)
     # The queries that see this key tile: n0 <= t < n0 + BLOCK_N - 1 + w.
     hi = tl.minimum(n0 + BLOCK_N - 1 + window, L)
     for g in range(G):
@@ -141,16 +155,17 @@ def _win_bwd_dkdv_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             in_q = offs_m < L
             row_q = (bos + offs_m) * (HKV * G) + hq
-            q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=in_q[:, None] & (offs_dk < DK)[None, :], other=0.0)
-            do = tl.load(DO + row_q[:, None] * DV + offs_dv[None, :], mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)
+            qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
+            doa, dob = load_split(DO, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
             lse2 = tl.load(LSE + row_q, mask=in_q, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_q, mask=in_q, other=0.0)
             visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_q[:, None]
-            p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK_OUT + row_kv[:, None] * DK + offs_dk[None, :], (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_k)
-    tl.store(DV_OUT + row_kv[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
+            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
+            dva, dvb = dot_acc_split(dva, dvb, tl.trans(p.to(doa.dtype)), doa, dob, BLOCK_DV2, PRECISION)
+            dka, dkb = dot_acc_split(dka, dkb, tl.trans(dz.to(qa.dtype)), qa, qb, BLOCK_DK2, PRECISION)
+    store_split(DK_OUT, dka * scale, dkb * scale, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    store_split(DV_OUT, dva, dvb, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
 
 
 @triton.autotune(
@@ -165,8 +180,8 @@ def _win_bwd_dkdv_kernel(
 def _win_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, TILES, qk_scale, scale, window,
     HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hq = pid % HQ
@@ -178,29 +193,28 @@ def _win_bwd_dq_kernel(
     L = tl.load(CU + seq + 1) - bos
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     in_q = offs_m < L
+    # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
     row_q = (bos + offs_m) * HQ + hq
-    mask_q = in_q[:, None] & (offs_dk < DK)[None, :]
-    q = tl.load(Q + row_q[:, None] * DK + offs_dk[None, :], mask=mask_q, other=0.0)
-    do = tl.load(DO + row_q[:, None] * DV + offs_dv[None, :], mask=in_q[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
+    doa, dob = load_split(DO, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
     lse2 = tl.load(LSE + row_q, mask=in_q, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_q, mask=in_q, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    dqa, dqb = zeros_split(BLOCK_M, BLOCK_DK, BLOCK_DK2)
     lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(m0 + BLOCK_M, L)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         row_kv = (bos + offs_n) * (HQ // G) + hkv
         in_seq = offs_n < L
-        k = tl.load(K + row_kv[:, None] * DK + offs_dk[None, :], mask=in_seq[:, None] & (offs_dk < DK)[None, :], other=0.0)
-        v = tl.load(V + row_kv[:, None] * DV + offs_dv[None, :], mask=in_seq[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+        va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
-        p, dz = softmax_grad_step(q, do, lse2, delta, k, v, visible, qk_scale, PRECISION)
-        dq += tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + row_q[:, None] * DK + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
+        p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                  BLOCK_DK2, BLOCK_DV2, PRECISION)
+        dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
+    store_split(DQ, dqa * scale, dqb * scale, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
 
 
 def _check_window(window) -> None:
@@ -235,8 +249,8 @@ def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None):
     tiles = query_tiles(packed, BLOCK_Q)
     _win_fwd_kernel[(tiles.shape[0] * HQ,)](
         q, k, v, o, lse, packed.cu_seqlens, tiles, scale * LOG2E, window, gates, o_cmp, o_slc, out,
-        HQ, HQ // HKV, DK, DV, padded_dim(DK), padded_dim(DV), BLOCK_Q, PRECISION=dot_precision(q.dtype),
-        GATED=gated is not None,
+        HQ, HQ // HKV, DK, DV, BLOCK_M=BLOCK_Q, PRECISION=dot_precision(q.dtype), GATED=gated is not None,
+        **split_blocks(DK, DV),
     )
     return (o, lse) if gated is None else (o, lse, out)
 
@@ -253,7 +267,7 @@ def win_bwd(do, q, k, v, o, lse, packed: Packed, window: int, scale: float) -> t
     HKV, DV = k.shape[1], v.shape[2]
     delta = attention_delta(o, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(DK=DK, DV=DV, BLOCK_DK=padded_dim(DK), BLOCK_DV=padded_dim(DV), PRECISION=dot_precision(q.dtype))
+    common = dict(DK=DK, DV=DV, PRECISION=dot_precision(q.dtype), **split_blocks(DK, DV))
     tiles = query_tiles(packed, _key_tile(DK))
     _win_bwd_dkdv_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, do, lse, delta, dk, dv, packed.cu_seqlens, tiles, scale * LOG2E, scale, window,

@@ -62,13 +62,15 @@ def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device="cpu", segment=SEGMENT
     [
         ([157], 2, 1, 32, 16, SMALL, torch.float32, "top", SEGMENT),    # odd T, not a multiple of l', G = 2, DK != DV
         ([93, 93], 4, 4, 16, 32, SMALL, torch.float16, "random", 24),  # batch 2 as packed, G = 1, lists over several segments
-        ([70, 9, 121], 3, 1, 48, 16, WIDE, torch.float32, "random", 16),  # varlen with a short sequence, G = 3, l' = 32
+        ([70, 9, 121], 3, 1, 48, 16, WIDE, torch.float32, "random", 16),  # varlen with a short sequence, G = 3, l' = 32, DK = 32 + 16
         ([130], 8, 2, 16, 16, SMALL, torch.float16, "top", 20),        # G = 4, two KV heads; segments of 20 (not a multiple of a step's 16)
         ([100], 8, 1, 16, 16, ODD, torch.float32, "top", SEGMENT),     # G = 8, l' = 24 (not a power of two), no init block
         ([77], 16, 1, 16, 16, WIDE, torch.float16, "random", 9),       # G = 16: one query per program
         ([45], 32, 1, 16, 16, SMALL, torch.float32, "random", SEGMENT),  # G = 32: one query, 32 rows
-        ([61], 2, 1, 144, 16, TINY, torch.float32, "top", 8),
-        ([290], 4, 1, 16, 16, LONG, torch.float16, "random", 40),     # l' = 128: two 64-key tiles per block          # l' = 8 below the 16-key tile, DK padded to 256
+        ([61], 2, 1, 144, 16, TINY, torch.float32, "top", 8),       # l' = 8 below the 16-key tile, DK = 128 + 16
+        ([290], 4, 1, 16, 16, LONG, torch.float16, "random", 40),     # l' = 128: two 64-key tiles per block
+        ([83], 4, 2, 48, 48, SMALL, torch.float16, "random", 12),    # DK = DV = 32 + 16: both split, G = 2
+        ([50], 16, 1, 48, 48, WIDE, torch.float32, "top", SEGMENT),  # split dims with one query per program
     ],
 )
 def test_selected_matches_reference(lengths, HQ, HKV, DK, DV, cfg, dtype, how, segment):

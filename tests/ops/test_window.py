@@ -37,10 +37,11 @@ def run(lengths, HQ, HKV, DK, DV, window, dtype, device="cpu"):
         ([157], 2, 1, 32, 16, 40, torch.float32),         # odd T, window < T spanning tile edges, G = 2, DK != DV
         ([150], 3, 1, 16, 32, 300, torch.float16),        # window > T: plain causal, G = 3
         ([93, 93], 4, 4, 16, 16, 17, torch.float16),      # batch 2 as packed, G = 1, window not a multiple of the tile
-        ([70, 5, 131], 8, 1, 48, 16, 64, torch.float32),  # varlen, G = 8, DK padded to 64
+        ([70, 5, 131], 8, 1, 48, 16, 64, torch.float32),  # varlen, G = 8, DK = 32 + 16
         ([100], 16, 1, 16, 16, 1, torch.float32),         # G = 16, window of 1: each query sees itself only
         ([66], 4, 1, 16, 32, 33, torch.float16),          # G = 4
-        ([70], 2, 1, 144, 16, 20, torch.float32),         # DK padded past 128: narrower key tile for dk/dv
+        ([70], 2, 1, 144, 16, 20, torch.float32),         # DK = 128 + 16, past 128: narrower key tile for dk/dv
+        ([81], 4, 2, 48, 48, 24, torch.float16),          # DK = DV = 32 + 16: dv and o in two parts too
     ],
 )
 def test_window_matches_reference(lengths, HQ, HKV, DK, DV, window, dtype):
@@ -52,6 +53,17 @@ def test_window_backward_is_deterministic():
     again = win_bwd(do, q, k, v, o, lse, packed, 50, 1 / math.sqrt(32))
     for a, b in zip(grads, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("DV", [16, 48])
+def test_gated_epilogue_sums_the_branches(DV):
+    """win_fwd's gated epilogue (SPEC 7) over whole and split value dimensions: o = sum of gate * branch."""
+    q, k, v, _, packed = packed_inputs([75], 4, 1, 16, DV, torch.float32)
+    gates = torch.rand(75, 4, 3)
+    o_cmp, o_slc = torch.randn(75, 4, DV), torch.randn(75, 4, DV)
+    o_win, _, out = win_fwd(q, k, v, packed, 30, 0.25, gated=(gates, o_cmp, o_slc))
+    expected = gates[..., :1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:] * o_win
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_window_refuses_bad_window():
