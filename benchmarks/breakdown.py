@@ -1,6 +1,7 @@
-"""Time each kernel of the Triton backend on its own (paper configuration, bf16): where NSA's time goes.
+"""Time each kernel of the Triton backend on its own (bf16, B=1): where NSA's time goes.
 
-python3 benchmarks/breakdown.py --seqlens 8192,65536 --out DIR
+python3 benchmarks/breakdown.py --configs paper,fla --seqlens 8192,65536 --out DIR
+(configurations by their `nsa bench` names; k_cmp, v_cmp are random inputs in every one)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from nsa import SparsityConfig
+from nsa.bench.configs import FULL_CONFIGS
 from nsa.ops import compressed, selected, topk, window
 from nsa.ops.common import packed_layout
 from nsa.ops.gates import gates_bwd
@@ -25,17 +26,33 @@ def bench(fn):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="paper")
     parser.add_argument("--seqlens", default="8192,65536")
-    parser.add_argument("--heads", default="64,4")
-    parser.add_argument("--dims", default="192,128")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    HQ, HKV = map(int, args.heads.split(","))
-    DK, DV = map(int, args.dims.split(","))
-    cfg = SparsityConfig()
+    configs = {c.name: c for c in FULL_CONFIGS}
+    rows = []
+    for name in args.configs.split(","):
+        rows += breakdown(configs[name], [int(t) for t in args.seqlens.split(",")])
+    for kernel in (compressed.cmp_fwd_kernel, topk.select_blocks_kernel, compressed.cmp_bwd_dkdv_kernel,
+                   compressed.cmp_bwd_dq_kernel, window._win_fwd_kernel, window._win_bwd_dkdv_kernel,
+                   window._win_bwd_dq_kernel, selected._slc_fwd_kernel, selected._slc_bwd_dq_kernel,
+                   selected._slc_bwd_segment_kernel):
+        best = getattr(kernel, "best_config", None)
+        print(getattr(kernel, "fn", kernel).__name__, best)
+    if args.out:
+        env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   configs={name: configs[name].describe() for name in args.configs.split(",")})
+        with open(f"{args.out}/breakdown.json", "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
+
+
+def breakdown(config, seqlens: list[int]) -> list[dict]:
+    HQ, HKV, DK, DV = config.dense_shape
+    cfg = config.sparsity
     scale = 1 / math.sqrt(DK)
     rows = []
-    for T in map(int, args.seqlens.split(",")):
+    for T in seqlens:
         torch.manual_seed(0)
         dev = "cuda"
         rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16)  # noqa: E731
@@ -68,7 +85,7 @@ def main():
                 ms = None
                 print(f"{name} T={T}: {type(exc).__name__}: {exc}"[:300])
             rows.append(dict(T=T, part=name, ms=ms))
-            print(f"T={T:6d} {name:14s} {ms if ms is None else round(ms, 3)}", flush=True)
+            print(f"{config.name} T={T:6d} {name:14s} {ms if ms is None else round(ms, 3)}", flush=True)
         dense = {}
         qd, kd, vd = (x.view(1, T, -1, x.shape[-1]).transpose(1, 2) for x in (q, k, v))
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,18 +94,8 @@ def main():
             kd2, vd2 = kd.repeat_interleave(HQ // HKV, 1), vd.repeat_interleave(HQ // HKV, 1)
             dense["cudnn_fwd"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd2, vd2, is_causal=True))
         rows += [dict(T=T, part=n, ms=ms) for n, ms in dense.items()]
-        print(f"T={T:6d} cudnn_fwd      {dense['cudnn_fwd']:.3f}", flush=True)
-    for kernel in (compressed.cmp_fwd_kernel, topk.select_blocks_kernel, compressed.cmp_bwd_dkdv_kernel,
-                   compressed.cmp_bwd_dq_kernel, window._win_fwd_kernel, window._win_bwd_dkdv_kernel,
-                   window._win_bwd_dq_kernel, selected._slc_fwd_kernel, selected._slc_bwd_dq_kernel,
-                   selected._slc_bwd_segment_kernel):
-        best = getattr(kernel, "best_config", None)
-        print(getattr(kernel, "fn", kernel).__name__, best)
-    if args.out:
-        env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   HQ=HQ, HKV=HKV, DK=DK, DV=DV, knobs=cfg.__dict__)
-        with open(f"{args.out}/breakdown.json", "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=1)
+        print(f"{config.name} T={T:6d} cudnn_fwd      {dense['cudnn_fwd']:.3f}", flush=True)
+    return [dict(config=config.name, **row) for row in rows]
 
 
 if __name__ == "__main__":

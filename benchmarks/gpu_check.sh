@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: environment, the kernel tests at real shapes, then the benchmark.
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [pytest args] -- [nsa bench args]
+# Triton's compiled kernels and autotuning choices go to .cache/ (git-ignored); the call leaves them in
+# $OUT/cache.tar.gz, so that the next call can start from them (unpack into .cache/ and carry it).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" .cache
+export TRITON_CACHE_DIR=$PWD/.cache/triton TRITON_CACHE_AUTOTUNING=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -16,9 +19,11 @@ for a in "$@"; do
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/env.txt"
 if [ ${#pytest_args[@]} -gt 0 ]; then
-  python3 -m pytest -q -ra -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/tests.log" | tail -n 60
+  timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -ra -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/tests.log" | tail -n 60
 fi
 if [ ${#bench_args[@]} -gt 0 ]; then
   python3 -m nsa.bench "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log" | tail -n 80
 fi
+tar -czf "$OUT/cache.tar.gz" .cache

@@ -101,8 +101,9 @@ def test_cli_writes_results(tmp_path, monkeypatch):
         assert os.path.getsize(os.path.join(out, name)) > 0
 
 
-def test_gpu_preset_is_sized_for_ten_minutes():
+def test_gpu_preset_is_sized_for_ten_minutes_with_both_models():
     cfg = train.PRESETS["gpu"]
+    minutes = 0.0
     for attn_impl in ("nsa", "dense"):
         mc = train.model_config(cfg, attn_impl)
         assert mc.vocab_size == data.VOCAB_SIZE and cfg.seqlen == 8192
@@ -110,5 +111,6 @@ def test_gpu_preset_is_sized_for_ten_minutes():
             from nsa.models import NSAForCausalLM
 
             num_params = sum(p.numel() for p in NSAForCausalLM(mc).parameters())
-        minutes = train.estimate(cfg, mc, num_params)["seconds_at_assumed_rate"] / 60
-        assert 5 < minutes < 12, (attn_impl, minutes)
+        assert num_params > 100e6, (attn_impl, num_params)
+        minutes += train.estimate(cfg, mc, num_params)["seconds_at_assumed_rate"] / 60
+    assert 4 < minutes < 8, minutes
