@@ -19,7 +19,6 @@ for a in "$@"; do
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
-git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/env.txt"
 if [ ${#pytest_args[@]} -gt 0 ]; then
   timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -ra -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/tests.log" | tail -n 60
 fi

@@ -229,7 +229,7 @@ class NativeSparseAttention(nn.Module):
         Returns:
             q [B, T, HQ, DK] (rotated); k_<branch> [B, T, HKV, DK] and v_<branch> [B, T, HKV, DV] for the
             branches cmp, slc (and win unless shared), k_slc and k_win rotated, k_cmp not (phi reads it raw);
-            gates [B, T, HQ, 3].
+            gates [B, T, HQ, 3]; all in q's dtype (under autocast the sigmoid of the gates runs in float32).
         """
         B, T, _ = hidden_states.shape
         H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
@@ -240,7 +240,7 @@ class NativeSparseAttention(nn.Module):
             k = kv[2 * i].view(B, T, H, DK)
             out[f"k_{branch}"] = k if branch == "cmp" else apply_rotary(k, cos, sin)
             out[f"v_{branch}"] = kv[2 * i + 1].view(B, T, H, DV)
-        out["gates"] = self.gate(hidden_states)
+        out["gates"] = self.gate(hidden_states).to(out["q"].dtype)
         return out
 
     def compress(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, starts: torch.Tensor):

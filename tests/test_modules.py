@@ -103,6 +103,21 @@ def test_gradients_reach_every_parameter():
     assert x.grad.abs().sum() > 0
 
 
+def test_autocast_trains_in_bfloat16_like_float32():
+    """Under autocast the gate's sigmoid runs in float32 while the projections give bfloat16: the module hands
+    nsa_attention one dtype, and its output and gradients stay near the float32 run's."""
+    torch.manual_seed(0)
+    m = make().float()
+    x = torch.randn(2, 40, 48)
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    got.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_rotary_scores_depend_on_distance_only():
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
 
