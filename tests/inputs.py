@@ -4,6 +4,9 @@ import torch
 
 from nsa import SparsityConfig
 
+# Where the kernel tests run: compiled on a GPU machine, through Triton's interpreter (conftest) elsewhere.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def make_inputs(B, T, HQ, HKV, DK, DV, cfg: SparsityConfig, dtype=torch.float64, device="cpu", separate_win=True, seqlens=None):
     """Fresh random q, k, v, k_cmp, v_cmp, gates (and k_win, v_win) as a dict of nsa_attention's arguments.

@@ -8,10 +8,11 @@ import torch
 from nsa.config import SparsityConfig
 from nsa.ops.common import packed_layout
 from nsa.reference import masked_attention
+from tests.inputs import DEVICE
 from tests.tolerance import assert_within_rule
 
 
-def packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device="cpu"):
+def packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device=DEVICE):
     """q, k, v, do [N_tok, H, D] drawn at random; Packed of the sequences `lengths` (cu_seqlens layout)."""
     N = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -34,7 +35,7 @@ def reference(q, k, v, do, lengths, allowed_of, scale, dtype):
     outs, lses = [], []
     s0 = 0
     for seq, L in enumerate(lengths):
-        allowed = allowed_of(seq, s0, L)
+        allowed = allowed_of(seq, s0, L).to(q.device)
         qs = q[s0:s0 + L].view(1, L, HKV, G, -1)
         o, _ = masked_attention(qs, k[None, s0:s0 + L], v[None, s0:s0 + L], allowed[None], scale)
         scores = torch.einsum("tkgd,skd->tkgs", qs[0], k[s0:s0 + L]).to(torch.promote_types(dtype, torch.float32)) * scale

@@ -12,12 +12,11 @@ import torch
 
 import nsa
 from nsa import SparsityConfig, reference
-from tests.inputs import knobs, make_inputs
+from tests.inputs import DEVICE, knobs, make_inputs
 from tests.tolerance import assert_same_selection, assert_within_rule
 
 NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "gates", "k_win", "v_win")
 TINY = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, num_init=1, num_local=1, window=24)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference_scores(args, cfg, scale):

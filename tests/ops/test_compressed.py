@@ -9,12 +9,13 @@ from nsa.config import SparsityConfig
 from nsa.ops.common import packed_layout
 from nsa.ops.compressed import cmp_bwd, cmp_fwd
 from nsa.reference import masked_attention, stat_dtype
+from tests.inputs import DEVICE
 from tests.tolerance import assert_within_rule
 
 SMALL = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4)
 
 
-def cmp_inputs(lengths, HQ, HKV, DK, DV, cfg, dtype, device="cpu", batch=None):
+def cmp_inputs(lengths, HQ, HKV, DK, DV, cfg, dtype, device=DEVICE, batch=None):
     """Random packed q, k_cmp, v_cmp, do [N, H, D] and their Packed layout.
 
     batch=(B, T) lays out B equal sequences as a batch does (no cu_seqlens); else `lengths` are packed.
@@ -32,7 +33,7 @@ def cmp_inputs(lengths, HQ, HKV, DK, DV, cfg, dtype, device="cpu", batch=None):
     return q, k_cmp, v_cmp, do, packed
 
 
-def cmp_visible(T, Tc, cfg, device="cpu"):
+def cmp_visible(T, Tc, cfg, device=DEVICE):
     """[T, Tc] bool: SPEC 2's staircase, i*d + l <= t + 1."""
     t = torch.arange(T, device=device)[:, None]
     return torch.arange(Tc, device=device)[None, :] * cfg.cmp_stride + cfg.cmp_block <= t + 1

@@ -9,12 +9,12 @@ import torch
 from nsa import reference
 from nsa.config import SparsityConfig
 from nsa.ops.decode import nsa_decode
+from tests.inputs import DEVICE
 from tests.tolerance import assert_same_selection, assert_within_rule
 
 SMALL = SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
 # l = d = l': every compressed token lies in exactly one selection block; and a wide window.
 FLAT = SparsityConfig(cmp_block=16, cmp_stride=16, slc_block=16, num_selected=3, num_init=1, num_local=1, window=40)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, separate_win=True):

@@ -8,6 +8,7 @@ import torch
 
 from nsa import SparsityConfig, reference
 from nsa.ops.selected import SEGMENT, _block_segments, slc_bwd, slc_fwd
+from tests.inputs import DEVICE
 from tests.ops.attention_cases import check_against_reference, packed_inputs
 
 SMALL = SparsityConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=4, num_init=1, num_local=2, window=32)
@@ -46,7 +47,7 @@ def selection(idx_of_seq, cfg):
     return allowed_of
 
 
-def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device="cpu", segment=SEGMENT):
+def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device=DEVICE, segment=SEGMENT):
     q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device)
     idx_of_seq = [draw_idx(L, HKV, cfg, how).to(device) for L in lengths]
     idx = torch.cat(idx_of_seq)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nsa.ops.window import win_bwd, win_fwd
+from tests.inputs import DEVICE
 from tests.ops.attention_cases import check_against_reference, packed_inputs
 
 
@@ -17,7 +18,7 @@ def band(window):
     return allowed_of
 
 
-def run(lengths, HQ, HKV, DK, DV, window, dtype, device="cpu"):
+def run(lengths, HQ, HKV, DK, DV, window, dtype, device=DEVICE):
     q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device)
     scale = 1 / math.sqrt(DK)
     o, lse = win_fwd(q, k, v, packed, window, scale)
