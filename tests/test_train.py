@@ -97,6 +97,7 @@ def test_cli_writes_results(tmp_path, monkeypatch):
         results = json.load(f)
     assert results["command"] == f"nsa train --preset tiny --attn both --out {out}"
     assert set(results["models"]) == {"nsa", "dense"}
+    assert all(run["tokens_per_second"] > 0 for run in results["models"].values())
     for name in ("loss.png", "retrieval.png", "ckpt_nsa.pt", "ckpt_dense.pt"):
         assert os.path.getsize(os.path.join(out, name)) > 0
 
@@ -113,4 +114,4 @@ def test_gpu_preset_is_sized_for_ten_minutes_with_both_models():
             num_params = sum(p.numel() for p in NSAForCausalLM(mc).parameters())
         assert num_params > 100e6, (attn_impl, num_params)
         minutes += train.estimate(cfg, mc, num_params)["seconds_at_assumed_rate"] / 60
-    assert 4 < minutes < 8, minutes
+    assert 1 < minutes < 8, minutes
