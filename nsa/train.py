@@ -239,8 +239,9 @@ def train_model(cfg: TrainConfig, attn_impl: str, splits: data.Splits, out: str,
 
 
 def throughput(train: list[dict], tokens_per_step: int) -> float | None:
-    """Training tokens per second: the median step after the first three (which compile and autotune)."""
-    times = sorted(r["seconds"] for r in train[3:] if "seconds" in r)
+    """Training tokens per second: the median step after the first three, which compile and autotune (a shorter
+    run: the median of all its steps)."""
+    times = sorted(r["seconds"] for r in (train[3:] if len(train) > 3 else train) if "seconds" in r)
     return tokens_per_step / times[len(times) // 2] if times else None
 
 
