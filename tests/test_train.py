@@ -102,6 +102,16 @@ def test_cli_writes_results(tmp_path, monkeypatch):
         assert os.path.getsize(os.path.join(out, name)) > 0
 
 
+def test_demo_trains_the_tiny_preset(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.PRESETS, "tiny", train.TrainConfig(**{**SMALL.__dict__, "steps": 2}))
+    picture, out = str(tmp_path / "demo.png"), str(tmp_path / "train")
+    main(["demo", "--out", picture, "--seqlen", "256", "--train-out", out])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert os.path.getsize(picture) > 0 and set(results["models"]) == {"nsa", "dense"}
+    assert results["command"] == f"nsa train --preset tiny --attn both --out {out}"
+
+
 def test_gpu_preset_is_sized_for_ten_minutes_with_both_models():
     cfg = train.PRESETS["gpu"]
     minutes = 0.0
