@@ -15,6 +15,7 @@ def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
     assert report["mode"] == "tiny" and report["nsa_backend"] == "reference"
     (run,) = report["runs"]
     assert {"torch", "triton", "python"} <= run["environment"].keys()
+    assert len(run["environment"]["source"]) == 16  # the sources' digest names the code that ran
     assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_TFLOPs"] > 0
     assert {"timing", "flops", "bytes", "guard"} <= report["methodology"].keys()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -78,13 +79,33 @@ def _driver() -> str | None:
 
 
 def _commit() -> str | None:
-    """The checkout's commit, where the suite runs from a git working tree."""
+    """The checkout's commit, where the suite runs from a git working tree, with "+modified" when the package's
+    files differ from it (then only `source` identifies the code)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20, cwd=package)
+        status = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                timeout=20, cwd=package)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("+modified" if status.returncode != 0 or status.stdout.strip() else "")
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of the package's Python sources, paths included: names the code that ran
+    whatever the state of git."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(package)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def environment(device: torch.device) -> dict:
@@ -93,6 +114,7 @@ def environment(device: torch.device) -> dict:
     env = {
         "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "fla": _version("fla-core"), "commit": _commit(),
+        "source": source_digest(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
