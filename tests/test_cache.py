@@ -6,6 +6,7 @@ import torch
 import nsa
 from nsa.cache import RING_SLACK, NSACache, decode_attention
 from nsa.modules import NativeSparseAttention
+from tests.inputs import DEVICE
 
 SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
 
@@ -136,10 +137,10 @@ def test_sequences_of_different_lengths_in_one_batch():
         torch.testing.assert_close(torch.cat(outs[b]), alone[b][30:], rtol=1e-10, atol=1e-12)
 
 
-def paged_cache(batch, page=16, pages_per_seq=8):
+def paged_cache(batch, page=16, pages_per_seq=8, device="cpu"):
     """A paged cache whose sequences own shuffled pages of a larger pool."""
     perm = torch.randperm(batch * pages_per_seq + 5)[:batch * pages_per_seq]
-    return NSACache(block_table=perm.view(batch, pages_per_seq).to(torch.int32), page_size=page,
+    return NSACache(block_table=perm.view(batch, pages_per_seq).to(device, torch.int32), page_size=page,
                     num_pages=batch * pages_per_seq + 5)
 
 
@@ -172,18 +173,18 @@ def test_paged_cache_refuses_to_overflow():
 @pytest.mark.parametrize("paged", [False, True])
 def test_triton_decode_kernels_on_the_cache(share_win_kv, chunks, paged):
     """The decode kernels read the cache (contiguous or paged, ring or shared window) as the reference does."""
-    m = NativeSparseAttention(64, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL, share_win_kv=share_win_kv)
-    x = torch.randn(2, sum(chunks), 64)
-    cache = paged_cache(2) if paged else NSACache()
+    m = NativeSparseAttention(64, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL, share_win_kv=share_win_kv).to(DEVICE)
+    x = torch.randn(2, sum(chunks), 64, device=DEVICE)
+    cache = paged_cache(2, device=DEVICE) if paged else NSACache()
     t = 0
     for c in chunks:
-        pos = torch.arange(t, t + c).expand(2, c)
+        pos = torch.arange(t, t + c, device=DEVICE).expand(2, c)
         p = m.project(x[:, t:t + c], pos)
         k_win, v_win = (None, None) if share_win_kv else (p["k_win"], p["v_win"])
         state = cache.update(0, p["k_slc"], p["v_slc"], k_win=k_win, v_win=v_win, k_cmp_raw=p["k_cmp"],
                              v_cmp_raw=p["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL)
         if t:
-            o_ref, idx_ref = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True)
+            o_ref, idx_ref = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="reference")
             o, idx = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="triton")
             assert torch.equal(idx, idx_ref)
             torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ def assert_same_selection(idx: torch.Tensor, idx_ref: torch.Tensor, scores_ref: 
     differ = (idx != idx_ref).any(-1)
     if not differ.any():
         return
-    t = torch.arange(idx.shape[1])[None, :, None].expand(differ.shape)[differ]
+    t = torch.arange(idx.shape[1], device=idx.device)[None, :, None].expand(differ.shape)[differ]
     rows, rows_ref, scores = idx[differ].long(), idx_ref[differ].long(), scores_ref[differ].double()
     valid = rows >= 0
     assert torch.equal(valid.sum(-1), (rows_ref >= 0).sum(-1)), "a row selects the wrong number of blocks"
@@ -36,7 +36,8 @@ def assert_same_selection(idx: torch.Tensor, idx_ref: torch.Tensor, scores_ref: 
     assert ((rows[:, 1:] > rows[:, :-1]) | ~valid[:, 1:]).all(), "selected blocks must be ascending and distinct"
     assert (rows * cfg.slc_block <= t[:, None]).all(), "a selected block lies after its query"
     jt = t // cfg.slc_block
-    for j in (torch.arange(cfg.num_init)[None, :].expand(len(t), -1), jt[:, None] - torch.arange(cfg.num_local)[None, :]):
+    for j in (torch.arange(cfg.num_init, device=t.device)[None, :].expand(len(t), -1),
+              jt[:, None] - torch.arange(cfg.num_local, device=t.device)[None, :]):
         needed = (j >= 0) & (j <= jt[:, None])
         present = (rows[:, None, :] == j[:, :, None]).any(-1)
         assert (present | ~needed).all(), "a forced block is missing"

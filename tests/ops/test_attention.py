@@ -57,7 +57,7 @@ def check(B, T, HQ, HKV, DK, DV, cfg, dtype, seqlens=None):
     grads = torch.autograd.grad(o, [args[n] for n in NAMES], do)
 
     _, idx_ref = reference.nsa_attention(*(args[n].detach().double() for n in NAMES), cfg, scale, args.get("cu_seqlens"))
-    assert_same_selection(idx.cpu(), idx_ref.cpu(), reference_scores(args, cfg, scale).cpu(), cfg,
+    assert_same_selection(idx, idx_ref, reference_scores(args, cfg, scale), cfg,
                           rtol=1e-5 if dtype == torch.float32 else 2e-2)
 
     o64, g64 = run_reference(args, do, idx, cfg, scale, torch.float64)
@@ -117,7 +117,7 @@ def test_triton_matches_reference_on_gpu(T, HQ, HKV, DK, DV):
 @gpu
 def test_opcheck_and_fullgraph_compile():
     cfg = SparsityConfig()
-    args = make_inputs(1, 1024, 16, 2, 64, 64, cfg, dtype=torch.bfloat16, device="cuda")
+    args = make_inputs(1, 1024, 16, 2, 64, 64, cfg, dtype=torch.bfloat16, device=DEVICE)
     from nsa.ops.attention import _KNOBS, attention_fwd
 
     knob_list = [getattr(cfg, n) for n in _KNOBS]
@@ -137,9 +137,9 @@ def test_256k_tokens_sampled_rows():
     only those queries (under the kernel's selection, which is itself checked to be a valid one)."""
     T, HQ, HKV, DK, DV = 262144, 64, 4, 192, 128
     cfg = SparsityConfig()
-    args = make_inputs(1, T, HQ, HKV, DK, DV, cfg, dtype=torch.bfloat16, device="cuda", separate_win=False)
+    args = make_inputs(1, T, HQ, HKV, DK, DV, cfg, dtype=torch.bfloat16, device=DEVICE, separate_win=False)
     o, idx = nsa.nsa_attention(**args, return_indices=True, backend="triton")
-    rows = torch.cat([torch.tensor([0, 31, 64, T - 1]), torch.randint(0, T, (12,))]).cuda()
+    rows = torch.cat([torch.tensor([0, 31, 64, T - 1]), torch.randint(0, T, (12,))]).to(DEVICE)
     inputs = [args[n] for n in ("q", "k", "v", "k_cmp", "v_cmp", "gates", "k", "v")]
     scale = 1 / math.sqrt(DK)
     o64, _ = reference.nsa_forward(*(x.double() for x in inputs), cfg, scale, block_indices=idx[:, rows], rows=rows)

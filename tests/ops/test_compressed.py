@@ -168,7 +168,7 @@ GPU_CASES = [(8192, 64, 4, 192, 128), (8192, 16, 1, 128, 128), (4099, 12, 2, 64,
 @pytest.mark.parametrize("T, HQ, HKV, DK, DV", GPU_CASES)
 def test_cmp_real_shapes_on_gpu(T, HQ, HKV, DK, DV, dtype):
     cfg = SparsityConfig()
-    q, k_cmp, v_cmp, do, packed = cmp_inputs([T // 3, T - T // 3], HQ, HKV, DK, DV, cfg, dtype, device="cuda")
+    q, k_cmp, v_cmp, do, packed = cmp_inputs([T // 3, T - T // 3], HQ, HKV, DK, DV, cfg, dtype)
     scale = DK ** -0.5
     o, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
     dq, dk_cmp, dv_cmp = cmp_bwd(do, q, k_cmp, v_cmp, o, lse, packed, cfg, scale)

@@ -18,20 +18,20 @@ FLAT = SparsityConfig(cmp_block=16, cmp_stride=16, slc_block=16, num_selected=3,
 
 
 def make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, separate_win=True):
-    """Random full-length tensors (float64) of B sequences and their decode inputs: sequence b holds lengths[b]
-    tokens after this step's C; everything past a sequence's end is noise the kernel must ignore. Without
-    separate_win the window branch reads k, v (a layout without a window ring)."""
+    """Random full-length tensors (float64, on DEVICE) of B sequences and their decode inputs: sequence b holds
+    lengths[b] tokens after this step's C; everything past a sequence's end is noise the kernel must ignore.
+    Without separate_win the window branch reads k, v (a layout without a window ring)."""
     B = len(lengths)
-    rnd = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=DEVICE)  # noqa: E731
     full = dict(q=rnd(B, capacity, HQ, DK), k=rnd(B, capacity, HKV, DK), v=rnd(B, capacity, HKV, DV),
                 k_cmp=rnd(B, capacity // cfg.cmp_stride, HKV, DK), v_cmp=rnd(B, capacity // cfg.cmp_stride, HKV, DV),
-                gates=torch.rand(B, capacity, HQ, 3, dtype=torch.float64),
+                gates=torch.rand(B, capacity, HQ, 3, dtype=torch.float64, device=DEVICE),
                 k_win=rnd(B, capacity, HKV, DK), v_win=rnd(B, capacity, HKV, DV))
     if not separate_win:
         full["k_win"], full["v_win"] = full["k"], full["v"]
-    past = torch.tensor(lengths) - C
-    rows = past[:, None] + torch.arange(C)
-    take = lambda x: x[torch.arange(B)[:, None], rows]  # noqa: E731
+    past = torch.tensor(lengths, device=DEVICE) - C
+    rows = past[:, None] + torch.arange(C, device=DEVICE)
+    take = lambda x: x[torch.arange(B, device=DEVICE)[:, None], rows]  # noqa: E731
     return full, past, take(full["q"]), take(full["gates"])
 
 
@@ -42,7 +42,7 @@ def reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=None):
         x = {name: t[b:b + 1, :L].to(dtype) for name, t in full.items()}
         tc = cfg.num_cmp(L)
         x["k_cmp"], x["v_cmp"] = full["k_cmp"][b:b + 1, :tc].to(dtype), full["v_cmp"][b:b + 1, :tc].to(dtype)
-        rows = torch.arange(L - C, L)
+        rows = torch.arange(L - C, L, device=x["q"].device)
         bi = None if block_indices is None else block_indices[b:b + 1]
         o, idx = reference.nsa_forward(x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], x["gates"], x["k_win"],
                                        x["v_win"], cfg, scale, block_indices=bi, rows=rows)
@@ -50,7 +50,7 @@ def reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=None):
         idxs.append(idx)
         HKV, G = x["k"].shape[2], x["q"].shape[2] // x["k"].shape[2]
         qg = x["q"][:, rows].view(1, C, HKV, G, -1)
-        visible = (torch.arange(tc) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= rows[:, None] + 1
+        visible = (torch.arange(tc, device=rows.device) * cfg.cmp_stride + cfg.cmp_block)[None, :] <= rows[:, None] + 1
         p = reference.masked_attention(qg, x["k_cmp"], x["v_cmp"], visible[None, :, None].expand(1, C, HKV, tc), scale)[1]
         scores.append(reference.block_scores(p, L, cfg))
     return torch.cat(outs), torch.cat(idxs), scores
@@ -58,11 +58,12 @@ def reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=None):
 
 def window_ring(full, lengths, size):
     """[B, size, HKV, D] rings: token s at slot s % size for the last `size` tokens of each sequence; the rest noise."""
-    k_ring = torch.randn(len(lengths), size, *full["k_win"].shape[2:], dtype=torch.float64)
-    v_ring = torch.randn(len(lengths), size, *full["v_win"].shape[2:], dtype=torch.float64)
+    k_win, v_win = full["k_win"], full["v_win"]
+    k_ring = torch.randn(len(lengths), size, *k_win.shape[2:], dtype=k_win.dtype, device=k_win.device)
+    v_ring = torch.randn(len(lengths), size, *v_win.shape[2:], dtype=v_win.dtype, device=v_win.device)
     for b, L in enumerate(lengths):
-        s = torch.arange(max(0, L - size), L)
-        k_ring[b, s % size], v_ring[b, s % size] = full["k_win"][b, s], full["v_win"][b, s]
+        s = torch.arange(max(0, L - size), L, device=k_win.device)
+        k_ring[b, s % size], v_ring[b, s % size] = k_win[b, s], v_win[b, s]
     return k_ring, v_ring
 
 
@@ -70,8 +71,8 @@ def paged(x, page, generator):
     """x [B, S_cap, H, D] scattered over shuffled pages: (pool [B*S_cap/page + 1, page, H, D], block_table)."""
     B, S = x.shape[:2]
     n = B * S // page
-    perm = torch.randperm(n + 1, generator=generator)[:n]
-    pool = torch.randn(n + 1, page, *x.shape[2:], dtype=x.dtype)
+    perm = torch.randperm(n + 1, generator=generator)[:n].to(x.device)
+    pool = torch.randn(n + 1, page, *x.shape[2:], dtype=x.dtype, device=x.device)
     pool[perm] = x.reshape(n, page, *x.shape[2:])
     return pool, perm.view(B, S // page).to(torch.int32)
 
@@ -105,10 +106,10 @@ def assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg, rtol=1e-
     """assert_same_selection on the C new rows of each sequence (idx, idx_ref [B, C, HKV, n], scores [B, C, HKV, Ns]),
     padded to the sequence's length so that the check reads each row's position from its index."""
     for b, L in enumerate(lengths):
-        full_idx = torch.full((1, L, *idx.shape[2:]), -1, dtype=torch.int32)
+        full_idx = torch.full((1, L, *idx.shape[2:]), -1, dtype=torch.int32, device=idx.device)
         full_ref = full_idx.clone()
         full_idx[:, L - C:], full_ref[:, L - C:] = idx[b:b + 1], idx_ref[b:b + 1]
-        full_scores = torch.zeros(1, L, idx.shape[2], cfg.num_slc(L), dtype=torch.float64)
+        full_scores = torch.zeros(1, L, idx.shape[2], cfg.num_slc(L), dtype=torch.float64, device=idx.device)
         full_scores[:, L - C:] = scores[b]
         assert_same_selection(full_idx, full_ref, full_scores, cfg, rtol=rtol)
 
@@ -120,7 +121,6 @@ def test_decode_equals_reference_at_the_new_positions(case, dtype):
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, "ring" in layout)
     scale = DK ** -0.5
     o, idx = run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capacity)
-    o, idx = o.cpu(), idx.cpu()
     _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
     assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg)
     # Outputs under the kernel's selection (identical to the reference's up to ties).
@@ -160,7 +160,6 @@ def test_paper_shapes_bf16_on_gpu(lengths):
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, capacity, torch.bfloat16)
     scale = DK ** -0.5
     o, idx = run_decode(full, past, q, gates, lengths, C, PAPER, torch.bfloat16, scale, "ring", capacity)
-    o, idx = o.cpu(), idx.cpu()
     _, idx_ref, scores = reference_rows(full, lengths, C, PAPER, torch.float64, scale)
     assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, PAPER, rtol=1e-3)
     oracle = reference_rows(full, lengths, C, PAPER, torch.float64, scale, block_indices=idx)[0]
@@ -172,9 +171,9 @@ def test_paper_shapes_bf16_on_gpu(lengths):
 def test_cuda_graph_replay_equals_eager():
     lengths, C, HQ, HKV, DK, DV = [5000, 300, 2049], 1, 64, 4, 192, 128
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, 8192, torch.bfloat16)
-    cu = lambda x: x.to("cuda", torch.bfloat16)  # noqa: E731
-    args = [cu(q), cu(gates), cu(full["k"]), cu(full["v"]), cu(full["k_cmp"]), cu(full["v_cmp"]),
-            past.to("cuda", torch.int32)]
+    bf16 = lambda x: x.to(torch.bfloat16)  # noqa: E731
+    args = [bf16(q), bf16(gates), bf16(full["k"]), bf16(full["v"]), bf16(full["k_cmp"]), bf16(full["v_cmp"]),
+            past.to(torch.int32)]
     eager = nsa_decode(*args, PAPER)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -47,9 +47,9 @@ def selection(idx_of_seq, cfg):
     return allowed_of
 
 
-def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, device=DEVICE, segment=SEGMENT):
-    q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device)
-    idx_of_seq = [draw_idx(L, HKV, cfg, how).to(device) for L in lengths]
+def run(lengths, HQ, HKV, DK, DV, cfg, dtype, how, segment=SEGMENT):
+    q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype)
+    idx_of_seq = [draw_idx(L, HKV, cfg, how).to(DEVICE) for L in lengths]
     idx = torch.cat(idx_of_seq)
     scale = 1 / math.sqrt(DK)
     o, lse = slc_fwd(q, k, v, idx, packed, cfg, scale)
@@ -83,7 +83,7 @@ def test_block_segments_cover_the_inverse_map():
     block, ascending; segments hold at most `segment` entries; partial slots are distinct and used only by
     rows of several segments."""
     lengths, HKV, segment = [50, 23, 80], 2, 6
-    idx = torch.cat([draw_idx(L, HKV, SMALL, "random") for L in lengths])
+    idx = torch.cat([draw_idx(L, HKV, SMALL, "random") for L in lengths]).to(DEVICE)
     packed = packed_inputs(lengths, 2, HKV, 16, 16, torch.float32)[-1]
     blocks, queries, segments, row_slots, P = _block_segments(idx, packed, lengths, SMALL, segment)
     starts = [0, 50, 73]
@@ -114,7 +114,7 @@ def test_selected_backward_is_bitwise_reproducible():
 
 def test_selected_refuses_bad_idx():
     q, k, v, do, packed = packed_inputs([20], 2, 1, 16, 16, torch.float32)
-    idx = draw_idx(20, 1, SMALL, "top")
+    idx = draw_idx(20, 1, SMALL, "top").to(DEVICE)
     with pytest.raises(TypeError, match="idx"):
         slc_fwd(q, k, v, idx.long(), packed, SMALL, 0.25)
     with pytest.raises(ValueError, match="idx"):
@@ -126,4 +126,4 @@ def test_selected_refuses_bad_idx():
 @pytest.mark.parametrize("segment", [SEGMENT, 256])
 @pytest.mark.parametrize("lengths, HQ, HKV, DK, DV", [([4096], 16, 1, 192, 128), ([1000, 3001], 32, 8, 128, 128), ([2048], 8, 2, 64, 64)])
 def test_selected_gpu_scale(lengths, HQ, HKV, DK, DV, dtype, segment):
-    run(lengths, HQ, HKV, DK, DV, SparsityConfig(), dtype, "top", device="cuda", segment=segment)
+    run(lengths, HQ, HKV, DK, DV, SparsityConfig(), dtype, "top", segment=segment)

@@ -9,6 +9,7 @@ from nsa import reference
 from nsa.config import SparsityConfig
 from nsa.ops.compressed import cmp_fwd
 from nsa.ops.topk import select_blocks
+from tests.inputs import DEVICE
 from tests.ops.test_compressed import SMALL, cmp_inputs, cmp_reference
 
 
@@ -103,7 +104,7 @@ def test_tie_check_can_fail():
     drop = max((j for j in chosen if j not in (0, row // cfg.slc_block, row // cfg.slc_block - 1)), key=lambda j: S[row, 0, j])
     worst = min(left_out, key=lambda j: S[row, 0, j])
     assert S[row, 0, drop] > S[row, 0, worst] * (1 + 1e-3)
-    worse[row, 0] = torch.tensor(sorted(chosen - {drop} | {worst}), dtype=torch.int32)
+    worse[row, 0] = torch.tensor(sorted(chosen - {drop} | {worst}), dtype=torch.int32, device=DEVICE)
     with pytest.raises(AssertionError, match="scored below"):
         assert_same_selection(worse, ref_idx, S, packed, cfg)
 
@@ -112,7 +113,7 @@ def test_select_blocks_rejects_bad_lse():
     cfg = SparsityConfig()
     q, k_cmp, v_cmp, _, packed = cmp_inputs([70], 4, 2, 16, 16, cfg, torch.float32)
     with pytest.raises(ValueError, match="lse"):
-        select_blocks(q, k_cmp, torch.zeros(70, 4, dtype=torch.float16), packed, cfg, 0.25)
+        select_blocks(q, k_cmp, torch.zeros(70, 4, dtype=torch.float16, device=DEVICE), packed, cfg, 0.25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes and bfloat16 need a CUDA GPU")
@@ -120,7 +121,7 @@ def test_select_blocks_rejects_bad_lse():
 @pytest.mark.parametrize("T, HQ, HKV, DK", [(8192, 64, 4, 192), (8192, 16, 1, 128), (5001, 12, 2, 64)])
 def test_select_blocks_real_shapes_on_gpu(T, HQ, HKV, DK, dtype):
     cfg = SparsityConfig()
-    q, k_cmp, v_cmp, _, packed = cmp_inputs([T // 3, T - T // 3], HQ, HKV, DK, 64, cfg, dtype, device="cuda")
+    q, k_cmp, v_cmp, _, packed = cmp_inputs([T // 3, T - T // 3], HQ, HKV, DK, 64, cfg, dtype)
     scale = DK ** -0.5
     _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
     idx = select_blocks(q, k_cmp, lse, packed, cfg, scale)

@@ -18,8 +18,8 @@ def band(window):
     return allowed_of
 
 
-def run(lengths, HQ, HKV, DK, DV, window, dtype, device=DEVICE):
-    q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype, device)
+def run(lengths, HQ, HKV, DK, DV, window, dtype):
+    q, k, v, do, packed = packed_inputs(lengths, HQ, HKV, DK, DV, dtype)
     scale = 1 / math.sqrt(DK)
     o, lse = win_fwd(q, k, v, packed, window, scale)
     dq, dk, dv = win_bwd(do, q, k, v, o, lse, packed, window, scale)
@@ -60,8 +60,8 @@ def test_window_backward_is_deterministic():
 def test_gated_epilogue_sums_the_branches(DV):
     """win_fwd's gated epilogue (SPEC 7) over whole and split value dimensions: o = sum of gate * branch."""
     q, k, v, _, packed = packed_inputs([75], 4, 1, 16, DV, torch.float32)
-    gates = torch.rand(75, 4, 3)
-    o_cmp, o_slc = torch.randn(75, 4, DV), torch.randn(75, 4, DV)
+    gates = torch.rand(75, 4, 3, device=DEVICE)
+    o_cmp, o_slc = torch.randn(75, 4, DV, device=DEVICE), torch.randn(75, 4, DV, device=DEVICE)
     o_win, _, out = win_fwd(q, k, v, packed, 30, 0.25, gated=(gates, o_cmp, o_slc))
     expected = gates[..., :1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:] * o_win
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -77,4 +77,4 @@ def test_window_refuses_bad_window():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths, HQ, HKV, DK, DV", [([4096], 16, 1, 192, 128), ([1000, 3001], 32, 8, 128, 128)])
 def test_window_gpu_scale(lengths, HQ, HKV, DK, DV, dtype):
-    run(lengths, HQ, HKV, DK, DV, 512, dtype, device="cuda")
+    run(lengths, HQ, HKV, DK, DV, 512, dtype)
