@@ -125,7 +125,9 @@ def build(cfg: TrainConfig, attn_impl: str, device: torch.device):
     torch.manual_seed(cfg.seed)
     model = NSAForCausalLM(model_config(cfg, attn_impl)).to(device)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.2x renamed gradient_checkpointing_enable (the old name now warns).
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
