@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nsa.bench import main
-from nsa.bench.configs import FULL_CONFIGS, dense_flops, make_plan, nsa_flops
+from nsa.bench.configs import FULL_CONFIGS, PHASES, dense_flops, make_plan, nsa_flops
 from nsa.bench.suite import Runner, spent
 
 
@@ -28,6 +28,9 @@ def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
         for phase in ("fwd", "bwd", "fwdbwd"):
             assert (config, phase, "nsa") in timed and (config, phase, "sdpa_math") in timed
     assert ("paper", "layer", "nsa_layer") in timed and ("paper", "decode", "nsa_decode") in timed
+    generated = [r for r in rows if r["phase"] == "generate"]
+    assert {r["impl"] for r in generated if r["status"] == "ok"} == {"nsa_generate", "dense_generate"}
+    assert all(r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in generated)
     for r in rows:
         if r["status"] == "ok":
             assert r["ms"] > 0 and r["speedup"] > 0
@@ -37,7 +40,7 @@ def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
     skipped = {r["impl"]: r["note"] for r in rows if r["status"] == "skipped"}
     assert "needs CUDA" in skipped["flex"] and "needs CUDA" in skipped["fla"]
 
-    assert set(report["plots"]) == {f"speedup_{p}.png" for p in ("fwd", "bwd", "fwdbwd", "layer", "decode")}
+    assert set(report["plots"]) == {f"speedup_{p}.png" for p in PHASES}
     for name in report["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
@@ -50,6 +53,8 @@ def test_gpu_plans(mode):
     lengths = {t for _, _, t in plan.cases()}
     assert {8192, 65536} <= lengths
     assert "fla" in {c.name for c in plan.configs} and "paper" in {c.name for c in plan.configs}
+    # generate() of the 1B model at a 32k-token prompt, against its dense twin.
+    assert (plan.generate_contexts, plan.generate_model) == ((32768,), ())
 
 
 def test_flop_counts():
@@ -91,7 +96,7 @@ def test_resume_completes_a_run_cut_short(tmp_path, monkeypatch, capsys):
         ceil = report["runs"][row["run"]]["ceilings"]
         if row["TFLOPs"]:
             assert row["frac_matmul"] == row["TFLOPs"] / ceil["matmul_TFLOPs"]
-    assert set(report["plots"]) == {f"speedup_{p}.png" for p in ("fwd", "bwd", "fwdbwd", "layer", "decode")}
+    assert set(report["plots"]) == {f"speedup_{p}.png" for p in PHASES}
     for name in report["plots"]:
         assert (merged / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "run 1: copy" in capsys.readouterr().out

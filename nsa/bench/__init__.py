@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="short pass (about 2 minutes): paper and fla configurations at 8k and 64k")
     parser.add_argument("--out", metavar="DIR", help="write bench.json and speedup_<phase>.png here")
     parser.add_argument("--configs", type=_names, help="comma-separated subset of: paper, d128, g4, fla")
-    parser.add_argument("--seqlens", type=_lengths, help="comma-separated lengths (and decode contexts), e.g. 8k,32k")
-    parser.add_argument("--phases", type=_names, help="comma-separated subset of: fwd, bwd, fwdbwd, layer, decode")
+    parser.add_argument("--seqlens", type=_lengths, help="comma-separated lengths (and decode and generate contexts), e.g. 8k,32k")
+    parser.add_argument("--phases", type=_names, help="comma-separated subset of: fwd, bwd, fwdbwd, layer, decode, generate")
     parser.add_argument("--budget", type=float, metavar="S",
                         help="seconds after which rows not yet started are skipped (default 480 full, 100 quick)")
     parser.add_argument("--resume", metavar="FILE",

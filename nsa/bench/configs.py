@@ -8,7 +8,7 @@ import numpy as np
 
 from ..config import SparsityConfig
 
-PHASES = ("fwd", "bwd", "fwdbwd", "layer", "decode")
+PHASES = ("fwd", "bwd", "fwdbwd", "layer", "decode", "generate")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,14 @@ class Plan:
     decode_configs: tuple[str, ...] = ("paper", "d128")
     decode_batches: tuple[int, ...] = (1, 16, 64)
     decode_contexts: tuple[int, ...] = (8 * 1024, 32 * 1024, 128 * 1024)
+    # generate(): greedy decoding of generate_tokens tokens after a prompt of each context, for NSAForCausalLM and
+    # its dense twin built from NSAConfig.nsa_1b() with these (name, value) overrides and each configuration's
+    # sparsity knobs.
+    generate_configs: tuple[str, ...] = ("paper",)
+    generate_batches: tuple[int, ...] = (1, 16)
+    generate_contexts: tuple[int, ...] = (32 * 1024,)
+    generate_tokens: int = 64
+    generate_model: tuple[tuple[str, int], ...] = ()
 
     def cases(self) -> list[tuple[BenchConfig, int, int]]:
         """(config, B, T) in the order they run: by length first, so a run cut short loses the longest."""
@@ -112,6 +120,10 @@ class Plan:
     def decode_cases(self) -> list[tuple[BenchConfig, int, int]]:
         return [(c, b, t) for t in self.decode_contexts for b in self.decode_batches for c in self.configs
                 if c.name in self.decode_configs]
+
+    def generate_cases(self) -> list[tuple[BenchConfig, int, int]]:
+        return [(c, b, t) for t in self.generate_contexts for b in self.generate_batches for c in self.configs
+                if c.name in self.generate_configs]
 
 
 K = 1024
@@ -126,10 +138,14 @@ def make_plan(mode: str) -> Plan:
     if mode == "quick":
         return Plan(tuple(c for c in FULL_CONFIGS if c.name in ("paper", "fla")), (8 * K, 64 * K), PHASES,
                     slow_baseline_max_t=8 * K, decode_configs=("paper",), decode_batches=(1, 64),
-                    decode_contexts=(8 * K, 64 * K))
+                    decode_contexts=(8 * K, 64 * K), generate_batches=(1,))
     if mode == "tiny":
         return Plan(TINY_CONFIGS, (64, 128), PHASES, extra=(("d128", 2, 128),), guard_len=96,
-                    decode_configs=("paper",), decode_batches=(1, 2), decode_contexts=(128,))
+                    decode_configs=("paper",), decode_batches=(1, 2), decode_contexts=(128,),
+                    generate_batches=(1,), generate_contexts=(96,), generate_tokens=3,
+                    generate_model=(("hidden_size", 32), ("intermediate_size", 64), ("num_hidden_layers", 2),
+                                    ("num_attention_heads", 4), ("num_key_value_heads", 1), ("head_dim", 32),
+                                    ("v_head_dim", 16), ("vocab_size", 64)))
     raise ValueError(f"mode must be full, quick or tiny, got {mode!r}")
 
 

@@ -8,6 +8,7 @@ shape at all (a reason, not a failure).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,7 +30,8 @@ class Skip(Exception):
 class Built:
     """fn(*inputs[i]) for each rotated copy i of the inputs; flops (forward, backward) of one call, or None;
     bytes_fwd: the forward's traffic where the tensor sizes overstate it (decode), else None; params: the
-    parameters whose gradients a backward computes besides the inputs' (a layer's weights)."""
+    parameters whose gradients a backward computes besides the inputs' (a layer's weights); timer: a side that
+    times itself (generate) returns its row's figures from timer() instead of being timed call by call."""
 
     fn: Callable[..., torch.Tensor]
     inputs: list[tuple]
@@ -37,6 +39,7 @@ class Built:
     note: str = ""
     bytes_fwd: int | None = None
     params: list = field(default_factory=list)
+    timer: Callable[[], dict] | None = None
 
 
 def tensor_bytes(tensors) -> int:
@@ -320,3 +323,49 @@ def _all_sdpa_backends():
     from torch.nn.attention import SDPBackend
 
     return (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def build_generate(cfg: BenchConfig, batch: int, context: int, device, dtype, attn_impl: str, new_tokens: int,
+                   overrides: tuple = ()) -> Built:
+    """Greedy generate() of `new_tokens` tokens after a random prompt of `context` tokens, by NSAForCausalLM
+    (attn_impl "nsa") or its dense twin ("dense"): NSAConfig.nsa_1b() with `overrides` and cfg's sparsity knobs,
+    random weights in dtype. Its timer reports the decoding alone: the time to generate 1 + new_tokens tokens
+    less the time to generate 1 (prompt and first token), per new token (the best of two runs each, after one
+    run that compiles); tokens/s counts every sequence of the batch."""
+    try:
+        from nsa.models import NSAConfig, NSAForCausalLM
+    except ImportError as error:
+        raise Skip(f"the model needs transformers ({error})") from None
+    config = NSAConfig.nsa_1b(**{"attn_impl": attn_impl, "sparsity": cfg.sparsity,
+                                 "max_position_embeddings": context + new_tokens + 1, **dict(overrides)})
+    torch.manual_seed(0)
+    model = NSAForCausalLM(config).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(1, config.vocab_size, (batch, context), device=device)
+    cuda = torch.device(device).type == "cuda"
+
+    def generate(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False)
+
+    def seconds(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(n)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def timer() -> dict:
+        generate(2)
+        first = min(seconds(1) for _ in range(2))
+        per_token = max(min(seconds(1 + new_tokens) for _ in range(2)) - first, 1e-9) / new_tokens
+        return {"ms": 1e3 * per_token, "tokens_per_s": batch / per_token, "prefill_ms": 1e3 * first,
+                "new_tokens": new_tokens}
+
+    params = sum(p.numel() for p in model.parameters())
+    note = (f"NSAForCausalLM attn_impl={attn_impl}, {params / 1e9:.2f}B parameters, {config.num_hidden_layers} "
+            f"layers, heads {config.num_attention_heads}/{config.num_key_value_heads}, greedy; ms per new token")
+    return Built(generate, [(new_tokens,)], None, note, timer=timer)
+

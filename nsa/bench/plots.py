@@ -8,7 +8,8 @@ from collections import defaultdict
 from .suite import TRAINING
 
 TITLES = {"fwd": "forward", "bwd": "backward alone", "fwdbwd": "forward + backward",
-          "layer": "attention layer, forward + backward", "decode": "decode, one token per sequence"}
+          "layer": "attention layer, forward + backward", "decode": "decode, one token per sequence",
+          "generate": "model generate(), per new token"}
 
 
 def plot_all(results: dict, out: str) -> list[str]:
@@ -42,7 +43,7 @@ def plot_all(results: dict, out: str) -> list[str]:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.set_title(name)
-            ax.set_xlabel("context T" if phase == "decode" else "T")
+            ax.set_xlabel("context T" if phase in ("decode", "generate") else "T")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel(f"speedup over {reference}")

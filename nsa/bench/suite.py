@@ -27,8 +27,8 @@ from .measure import bench_ms, ceilings, environment, peak_gb, reset_peak
 TRAINING = ("fwd", "bwd", "fwdbwd")
 # The dense side each phase's speedup is measured against, by device type.
 REFERENCE = {
-    "cuda": {"train": "sdpa_cudnn", "layer": "dense_layer", "decode": "sdpa_decode"},
-    "cpu": {"train": "sdpa_math", "layer": "dense_layer", "decode": "sdpa_decode"},
+    "cuda": {"train": "sdpa_cudnn", "layer": "dense_layer", "decode": "sdpa_decode", "generate": "dense_generate"},
+    "cpu": {"train": "sdpa_math", "layer": "dense_layer", "decode": "sdpa_decode", "generate": "dense_generate"},
 }
 # Notes of rows that carry no measurement of their own: the budget's (measured again on resume) and the copies
 # of a dense baseline timed for another configuration of the same shape.
@@ -41,6 +41,7 @@ LABELS = {
     "nsa": "NSA", "sdpa_cudnn": "SDPA cuDNN", "sdpa_math": "SDPA math (CPU)", "sdpa_flash": "SDPA flash (FA2)",
     "flex": "FlexAttention (compiled)", "fla": "fla parallel_nsa", "nsa_layer": "NSA layer",
     "dense_layer": "nsa.DenseAttention", "nsa_decode": "NSA decode", "sdpa_decode": "SDPA decode",
+    "nsa_generate": "NSA model generate()", "dense_generate": "dense model generate()",
 }
 
 
@@ -164,7 +165,9 @@ class Runner:
                            "(the training forward). bwd: torch.autograd.grad of a saved output with retain_graph, "
                            "the forward outside the timed region. fwdbwd: forward + backward. layer: forward + "
                            "backward of the whole attention layer (projections, compression, gates) including "
-                           "parameter gradients. decode: one new token per sequence against a filled cache, no grad."),
+                           "parameter gradients. decode: one new token per sequence against a filled cache, no grad. "
+                           "generate: the model's greedy generate() after a prompt, per new token (Built.timer: "
+                           "perf_counter around whole calls, prompt time subtracted)."),
                 "nsa_includes": ("everything nsa_attention does: compressed branch, block scores, top-n, selected "
                                  "and window branches, gating; the mean pooling of the fla configuration too. "
                                  "The compression MLP and projections only in the layer phase."),
@@ -249,7 +252,7 @@ class Runner:
         try:
             if built is None:
                 built = build()
-            fields = time_phase(built, phase, self.s)
+            fields = built.timer() if built.timer is not None else time_phase(built, phase, self.s)
             fields["peak_GB"] = peak_gb(self.s.device)
             fields["note"] = built.note
             return self.add_row(cfg, batch, seqlen, phase, impl, "ok", **fields)
@@ -356,6 +359,13 @@ class Runner:
             tick(cfg, batch, context, "decode", impl)
             self.measure(cfg, batch, context, "decode", impl, partial(build, *args))
 
+    def generate_case(self, cfg, batch, context, tick):
+        args = (cfg, batch, context, self.s.device, self.s.dtype)
+        for impl, attn_impl in (("nsa_generate", "nsa"), ("dense_generate", "dense")):
+            tick(cfg, batch, context, "generate", impl)
+            self.measure(cfg, batch, context, "generate", impl, partial(
+                impls.build_generate, *args, attn_impl, self.plan.generate_tokens, self.plan.generate_model))
+
     def jobs(self) -> list:
         """(function, config, B, T, number of progress ticks) in the order they run: by tokens, so that a run
         that spends its budget loses the longest cases of every phase rather than one phase entirely."""
@@ -371,7 +381,11 @@ class Runner:
                 jobs.append((self.layer_case, cfg, batch, seqlen, 2))
         if "decode" in plan.phases:
             jobs += [(self.decode_case, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
-        return sorted(jobs, key=lambda job: job[3] * (1 if job[0] == self.decode_case else job[2]))
+        if "generate" in plan.phases:
+            jobs += [(self.generate_case, cfg, b, t, 2) for cfg, b, t in plan.generate_cases()]
+        # A decode or generate case holds one token per sequence: its size is its context.
+        per_token = (self.decode_case, self.generate_case)
+        return sorted(jobs, key=lambda job: job[3] * (1 if job[0] in per_token else job[2]))
 
     def run(self) -> dict:
         jobs = self.jobs()
@@ -452,7 +466,8 @@ def _fmt(value, spec: str) -> str:
 
 
 # Table columns: which side of a phase fills them (training, layer and decode name their sides differently).
-ROLES = {"nsa": ("nsa", "nsa_layer", "nsa_decode"), "dense": ("sdpa_cudnn", "sdpa_math", "dense_layer", "sdpa_decode"),
+ROLES = {"nsa": ("nsa", "nsa_layer", "nsa_decode", "nsa_generate"),
+         "dense": ("sdpa_cudnn", "sdpa_math", "dense_layer", "sdpa_decode", "dense_generate"),
          "flash": ("sdpa_flash",), "flex": ("flex",), "fla": ("fla",)}
 SHORT = {"skipped": "skip", "error": "ERR"}
 
@@ -489,7 +504,8 @@ def table(results: dict) -> str:
     out = [f"{env.get('gpu') or env.get('cpu')}  torch {env['torch']}  triton {env['triton']}  " + "; ".join(
                (f"run {i}: " if len(ceils) > 1 else "") + f"copy {_fmt(ceil.get('copy_GBps'), '.0f')} GB/s  "
                f"matmul {_fmt(ceil.get('matmul_TFLOPs'), '.0f')} TFLOP/s" for i, ceil in enumerate(ceils)),
-           f"x = speedup over ref: {ref['train']} (layer: {ref['layer']}, decode: {ref['decode']}); "
+           f"x = speedup over ref: {ref['train']} (layer: {ref['layer']}, decode: {ref['decode']}, "
+           f"generate: {ref['generate']}); "
            "TFLOP/s, %mm (of matmul), %bw (of copy), peak GB are NSA's",
            render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
     errors = {}
@@ -524,6 +540,7 @@ def select_plan(plan: Plan, args) -> Plan:
     if args.seqlens:
         changes["seqlens"] = tuple(args.seqlens)
         changes["decode_contexts"] = tuple(args.seqlens)
+        changes["generate_contexts"] = tuple(args.seqlens)
         changes["layer_seqlens"] = None
     if args.phases:
         changes["phases"] = tuple(args.phases)
