@@ -165,7 +165,8 @@ class Runner:
                            "(the training forward). bwd: torch.autograd.grad of a saved output with retain_graph, "
                            "the forward outside the timed region. fwdbwd: forward + backward. layer: forward + "
                            "backward of the whole attention layer (projections, compression, gates) including "
-                           "parameter gradients. decode: one new token per sequence against a filled cache, no grad. "
+                           "parameter gradients. decode: one new token per sequence against a filled cache, no grad, both sides "
+                           "replayed from a CUDA graph on a GPU (as a serving engine runs a step; no host launch cost). "
                            "generate: the model's greedy generate() after a prompt, per new token (Built.timer: "
                            "perf_counter around whole calls, prompt time subtracted)."),
                 "nsa_includes": ("everything nsa_attention does: compressed branch, block scores, top-n, selected "
