@@ -10,8 +10,10 @@ merges the tile into a running top-n kept in registers.
 
 The running top-n is an unordered set of n keys per query with its minimum as the bar to enter: a tile costs
 one insertion round (a row maximum of the tile, an argmin of the set) per key that beats its row's bar, as many
-rounds as the row with the most such keys needs. Past the first tiles few blocks beat the n-th best seen so
-far, so most tiles need no round at all, where a sorted merge would pay n rounds for every tile.
+rounds as the row with the most such keys needs, and never more than n: the rounds take the tile's keys in
+descending order, so once n of them are in, every key left has n larger ones in the union and stays out. Past
+the first tiles few blocks beat the n-th best seen so far, so most tiles need no round at all, where a sorted
+merge would pay n rounds for every tile.
 
 Top-n keys are int64: the float32 score's bits (order-preserving for scores >= 0) in the high word and
 2^31 - 1 - j in the low word, so that the larger key wins and equal scores go to the smaller block j. Forced
@@ -105,8 +107,9 @@ def select_blocks_kernel(
         key = tl.where(candidate, key, -1)
 
         # Only keys above their row's bar enter; each round moves the largest remaining one of every row in,
-        # in place of the row's minimum (a row whose largest is below its bar is left as it is).
-        rounds = tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1))
+        # in place of the row's minimum (a row whose largest is below its bar is left as it is). At most n
+        # rounds: the first tile of a long sequence has BJ candidates above the empty set's bar.
+        rounds = tl.minimum(tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)), NUM_SELECTED)
         for _ in range(rounds):
             top = tl.max(key, 1)
             out = tl.argmin(best, 1)
