@@ -81,9 +81,15 @@ def select_blocks_kernel(
     # they are never the minimum that the next insertion replaces.
     best = tl.where(slot[None, :] < NUM_SELECTED, tl.full([BLOCK_T, KP], -1, tl.int64), 0x7FFFFFFFFFFFFFFF)
     bar = tl.min(best, 1)
+    # SPEC 3's overlap ov(i, j) / d of the tile's compressed token i with its block j depends only on their places
+    # in the tile (tiles step by whole blocks of l'/d tokens, d dividing l'): one matrix serves every tile.
+    i_rel = tl.arange(0, BLOCK_N) - (CMP_BLOCK // CMP_STRIDE - 1)
+    lo = tl.maximum(i_rel[:, None] * CMP_STRIDE, jj[None, :] * SLC_BLOCK)
+    hi = tl.minimum(i_rel[:, None] * CMP_STRIDE + CMP_BLOCK, (jj[None, :] + 1) * SLC_BLOCK)
+    ov = tl.where((jj < BJ)[None, :], tl.maximum(hi - lo, 0), 0).to(tl.float32) / CMP_STRIDE
     # Blocks up to the last query's own block; queries past the end of the sequence are never stored.
     for j0 in range(0, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
-        i = j0 * (SLC_BLOCK // CMP_STRIDE) - (CMP_BLOCK // CMP_STRIDE - 1) + tl.arange(0, BLOCK_N)
+        i = j0 * (SLC_BLOCK // CMP_STRIDE) + i_rel
         in_seq = (i >= 0) & (i < num_cmp)
         ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
         s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
@@ -92,9 +98,6 @@ def select_blocks_kernel(
 
         # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d, as one product.
         j = j0 + jj
-        lo = tl.maximum(i[:, None] * CMP_STRIDE, j[None, :] * SLC_BLOCK)
-        hi = tl.minimum(i[:, None] * CMP_STRIDE + CMP_BLOCK, (j[None, :] + 1) * SLC_BLOCK)
-        ov = tl.where((jj < BJ)[None, :], tl.maximum(hi - lo, 0), 0).to(tl.float32) / CMP_STRIDE
         score = tl.sum(tl.reshape(fold_exact(p, ov), [BLOCK_T, G_PAD, KT]), 1)
 
         # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
