@@ -48,7 +48,7 @@ def fold_exact(p, ov):
     return rows + tl.dot(p - p_head, ov, input_precision="tf32")
 
 
-@triton.autotune(configs=_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "KT", "KP", "DOT_PREC"])
+@triton.autotune(configs=_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "KT", "KP", "DOT_PREC", "ONE_TO_ONE"])
 @triton.jit
 def select_blocks_kernel(
     q, k_cmp, lse, idx, cu_seqlens, cu_cmp, scale2, HKV,
@@ -56,6 +56,7 @@ def select_blocks_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BJ: tl.constexpr, KT: tl.constexpr, KP: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+    ONE_TO_ONE: tl.constexpr,
 ):
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -96,9 +97,13 @@ def select_blocks_kernel(
         visible = in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
 
-        # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d, as one product.
+        # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d, as one product; where
+        # l = d = l' token j is block j (ov is the identity) and the heads' sum is the score.
         j = j0 + jj
-        score = tl.sum(tl.reshape(fold_exact(p, ov), [BLOCK_T, G_PAD, KT]), 1)
+        if ONE_TO_ONE:
+            score = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, KT]), 1)
+        else:
+            score = tl.sum(tl.reshape(fold_exact(p, ov), [BLOCK_T, G_PAD, KT]), 1)
 
         # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
         candidate = (jj < BJ)[None, :] & (j[None, :] * SLC_BLOCK <= tq[:, None])
@@ -169,6 +174,7 @@ def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: flo
         q, k_cmp, lse, idx, packed.cu_seqlens, packed.cu_cmp, scale * LOG2E, HKV, DK=DK,
         BLOCK_N=block_n, BJ=bj, KT=max(16, triton.next_power_of_2(bj)), KP=triton.next_power_of_2(n),
         NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
-        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, **tiling,
+        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
+        ONE_TO_ONE=cfg.cmp_block == cfg.cmp_stride == cfg.slc_block, **tiling,
     )
     return idx

@@ -66,7 +66,7 @@ def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
 
 # (lengths, batch, HQ, HKV, DK, cfg, block_n): selections with more candidates than slots, T < l, a batch of
 # 2, varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l', DK split
-# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots. block_n = 32 or 16 makes tiles of 7 or 3 blocks, so that the
+# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. block_n = 32 or 16 makes tiles of 7 or 3 blocks, so that the
 # running top-n merges several tiles (the default 128 covers the whole of most tiny sequences).
 CASES = [
     pytest.param([800], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-7-block-tiles"),
@@ -79,6 +79,8 @@ CASES = [
     pytest.param([150], None, 6, 1, 16, SparsityConfig(32, 16, 32, 5, 1, 1), 16, id="G6-l-equals-slc"),
     # n = 2 against tiles of 7 blocks: most tiles hold more keys above the bar than there are slots.
     pytest.param([900], None, 2, 1, 16, SparsityConfig(32, 16, 64, 2, 0, 1), 32, id="n2-7-block-tiles"),
+    # l = d = l' (fla's knobs, scaled): compressed token j is block j, no overlap product; 32-block tiles.
+    pytest.param([1100], None, 4, 1, 16, SparsityConfig(16, 16, 16, 4, 1, 2), 32, id="l-d-lprime-equal"),
 ]
 
 
