@@ -112,12 +112,13 @@ def test_demo_trains_the_tiny_preset(tmp_path, monkeypatch):
     assert results["command"] == f"nsa train --preset tiny --attn both --out {out}"
 
 
-def test_gpu_preset_is_sized_for_ten_minutes_with_both_models():
-    cfg = train.PRESETS["gpu"]
+@pytest.mark.parametrize("preset,seqlen", [("gpu", 8192), ("gpu32k", 32768)])
+def test_gpu_presets_are_sized_for_ten_minutes_with_both_models(preset, seqlen):
+    cfg = train.PRESETS[preset]
     minutes = 0.0
     for attn_impl in ("nsa", "dense"):
         mc = train.model_config(cfg, attn_impl)
-        assert mc.vocab_size == data.VOCAB_SIZE and cfg.seqlen == 8192
+        assert mc.vocab_size == data.VOCAB_SIZE and cfg.seqlen == seqlen
         with torch.device("meta"):
             from nsa.models import NSAForCausalLM
 
