@@ -61,6 +61,8 @@ def validate(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, sc
     B, T, HQ, DK = q.shape
     if T < 1:
         raise ValueError(f"q must hold at least one token, got T={T}")
+    if B * T >= 2**31:
+        raise ValueError(f"q holds B*T = {B * T} tokens; at most 2^31 - 1 are supported (cu_seqlens is int32)")
     if k.dim() == 4 and k.shape[:2] != q.shape[:2]:
         raise ValueError(f"k must have q's batch and length {tuple(q.shape[:2])}, got {tuple(k.shape[:2])}")
     HKV = k.shape[2]

@@ -65,6 +65,16 @@ def test_bad_shapes(name, shape, message):
         call(good(**{name: torch.randn(*shape)}))
 
 
+def test_token_count_beyond_int32_is_refused():
+    """Shapes alone decide it: meta tensors hold 2^31 tokens without memory."""
+    B, T, H, D = 2, 2**30, 1, 16
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    Tc = nsa.SparsityConfig().num_cmp(T)
+    with pytest.raises(ValueError, match="2\\^31"):
+        nsa.nsa_attention(meta(B, T, H, D), meta(B, T, H, D), meta(B, T, H, D), meta(B, Tc, H, D), meta(B, Tc, H, D),
+                          meta(B, T, H, 3))
+
+
 def test_empty_sequence_is_refused():
     args = make_inputs(1, 1, 2, 1, 8, 8, CFG, dtype=torch.float32)
     args = {k: v[:, :0] for k, v in args.items()}
