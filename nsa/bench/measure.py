@@ -11,6 +11,8 @@ import time
 
 import torch
 
+# The nsa package's folder: its sources name the code a run measured.
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # H200's L2: inputs smaller than a few times this are rotated so that a timing does not read them from L2.
 L2_BYTES = 60 * 2**20
 
@@ -81,11 +83,10 @@ def _driver() -> str | None:
 def _commit() -> str | None:
     """The checkout's commit, where the suite runs from a git working tree, with "+modified" when the package's
     files differ from it (then only `source` identifies the code)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20, cwd=package)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20, cwd=PACKAGE)
         status = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
-                                timeout=20, cwd=package)
+                                timeout=20, cwd=PACKAGE)
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0 or not head.stdout.strip():
@@ -96,13 +97,12 @@ def _commit() -> str | None:
 def source_digest() -> str:
     """sha256 (first 16 hex digits) of the package's Python sources, paths included: names the code that ran
     whatever the state of git."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(package)):
+    for root, dirs, files in sorted(os.walk(PACKAGE)):
         dirs.sort()
         for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            digest.update(os.path.relpath(path, PACKAGE).encode() + b"\0")
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()[:16]

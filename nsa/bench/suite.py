@@ -348,24 +348,13 @@ class Runner:
                 tick(cfg, batch, seqlen, phase, "fla")
                 self.measure(cfg, batch, seqlen, phase, "fla", partial(impls.build_fla, *args))
 
-    def layer_case(self, cfg, batch, seqlen, tick):
+    def pair_case(self, phase, sides, cfg, batch, seqlen, tick):
+        """The phases that time NSA against one dense twin (layer, decode, generate): sides are (impl, builder
+        of (cfg, B, T, device, dtype)) pairs."""
         args = (cfg, batch, seqlen, self.s.device, self.s.dtype)
-        for impl, build in (("nsa_layer", impls.build_nsa_layer), ("dense_layer", impls.build_dense_layer)):
-            tick(cfg, batch, seqlen, "layer", impl)
-            self.measure(cfg, batch, seqlen, "layer", impl, partial(build, *args))
-
-    def decode_case(self, cfg, batch, context, tick):
-        args = (cfg, batch, context, self.s.device, self.s.dtype)
-        for impl, build in (("nsa_decode", impls.build_nsa_decode), ("sdpa_decode", impls.build_sdpa_decode)):
-            tick(cfg, batch, context, "decode", impl)
-            self.measure(cfg, batch, context, "decode", impl, partial(build, *args))
-
-    def generate_case(self, cfg, batch, context, tick):
-        args = (cfg, batch, context, self.s.device, self.s.dtype)
-        for impl, attn_impl in (("nsa_generate", "nsa"), ("dense_generate", "dense")):
-            tick(cfg, batch, context, "generate", impl)
-            self.measure(cfg, batch, context, "generate", impl, partial(
-                impls.build_generate, *args, attn_impl, self.plan.generate_tokens, self.plan.generate_model))
+        for impl, build in sides:
+            tick(cfg, batch, seqlen, phase, impl)
+            self.measure(cfg, batch, seqlen, phase, impl, partial(build, *args))
 
     def jobs(self) -> list:
         """(function, config, B, T, number of progress ticks) in the order they run: by tokens, so that a run
@@ -373,20 +362,29 @@ class Runner:
         plan = self.plan
         n_train = sum(p in plan.phases for p in TRAINING)
         layer_lengths = plan.layer_seqlens or plan.seqlens
+        layer = partial(self.pair_case, "layer", (("nsa_layer", impls.build_nsa_layer),
+                                                  ("dense_layer", impls.build_dense_layer)))
         jobs = []
         for cfg, batch, seqlen in plan.cases():
             if n_train:
                 ticks = 1 + n_train * (4 + cfg.fla)
                 jobs.append((self.training_case, cfg, batch, seqlen, ticks))
             if "layer" in plan.phases and batch == 1 and not cfg.pooled and seqlen in layer_lengths:
-                jobs.append((self.layer_case, cfg, batch, seqlen, 2))
+                jobs.append((layer, cfg, batch, seqlen, 2))
+        # A decode or generate case holds one new token per sequence: its size is its context.
+        per_token = []
         if "decode" in plan.phases:
-            jobs += [(self.decode_case, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
+            decode = partial(self.pair_case, "decode", (("nsa_decode", impls.build_nsa_decode),
+                                                        ("sdpa_decode", impls.build_sdpa_decode)))
+            per_token += [(decode, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
         if "generate" in plan.phases:
-            jobs += [(self.generate_case, cfg, b, t, 2) for cfg, b, t in plan.generate_cases()]
-        # A decode or generate case holds one token per sequence: its size is its context.
-        per_token = (self.decode_case, self.generate_case)
-        return sorted(jobs, key=lambda job: job[3] * (1 if job[0] in per_token else job[2]))
+            generate = partial(self.pair_case, "generate", tuple(
+                (impl, partial(impls.build_generate, attn_impl=attn_impl, new_tokens=plan.generate_tokens,
+                               overrides=plan.generate_model))
+                for impl, attn_impl in (("nsa_generate", "nsa"), ("dense_generate", "dense"))))
+            per_token += [(generate, cfg, b, t, 2) for cfg, b, t in plan.generate_cases()]
+        sized = [(job, job[2] * job[3]) for job in jobs] + [(job, job[3]) for job in per_token]
+        return [job for job, _ in sorted(sized, key=lambda item: item[1])]
 
     def run(self) -> dict:
         jobs = self.jobs()
