@@ -105,3 +105,36 @@ def test_resume_completes_a_run_cut_short(tmp_path, monkeypatch, capsys):
     (tmp_path / "other.json").write_text(json.dumps(cut))
     with pytest.raises(SystemExit, match="torch: 0.0 there"):
         main(["--tiny", "--resume", str(tmp_path / "other.json")])
+
+
+def test_merge_joins_runs_that_split_the_plan(tmp_path, monkeypatch, capsys):
+    """A run cut short, resumed by two runs with disjoint --configs (one per GPU, say), merged into one table."""
+    cut, parts, merged = tmp_path / "cut", [tmp_path / "a", tmp_path / "b"], tmp_path / "merged"
+    monkeypatch.setattr(Runner, "out_of_time", lambda self: len(self.results["rows"]) >= 12)
+    main(["--tiny", "--out", str(cut)])
+    monkeypatch.undo()
+    first = json.loads((cut / "bench.json").read_text())
+    left = {r["config"] for r in first["rows"] if spent(r)}
+    assert {"g4", "fla"} & left and {"paper", "d128"} & left
+    for part, configs in zip(parts, ("paper,d128", "g4,fla")):
+        main(["--tiny", "--out", str(part), "--resume", str(cut / "bench.json"), "--configs", configs])
+    main(["--merge", str(parts[0] / "bench.json"), str(parts[1] / "bench.json"), "--out", str(merged)])
+    report = json.loads((merged / "bench.json").read_text())
+    cases = [(r["config"], r["B"], r["T"], r["phase"], r["impl"]) for r in report["rows"]]
+    assert len(cases) == len(set(cases)) == len(first["rows"])
+    assert not any(spent(r) for r in report["rows"])
+    # The cut run once, then one run per part; each row names the run that measured it.
+    assert len(report["runs"]) == 3 and report["runs"][0] == first["runs"][0]
+    assert {r["run"] for r in report["rows"]} == {0, 1, 2}
+    assert {r["config"] for r in report["rows"] if r["run"] == 2} <= {"g4", "fla"}
+    assert all(r["speedup"] > 0 for r in report["rows"] if r["status"] == "ok")
+    assert set(report["plots"]) == {f"speedup_{p}.png" for p in PHASES}
+    assert "run 2: copy" in capsys.readouterr().out
+
+    # Two different measurements of one case cannot stand in one table.
+    other = json.loads((parts[1] / "bench.json").read_text())
+    row = next(r for r in other["rows"] if r["status"] == "ok" and r["run"] == 0)
+    row["ms"] *= 2
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="measured in two"):
+        main(["--merge", str(parts[0] / "bench.json"), str(tmp_path / "other.json")])

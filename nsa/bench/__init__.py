@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="FILE",
                         help="bench.json of an earlier run cut short: keep its rows, measure only those its time "
                              "budget left out, write the merged result to --out (same mode, GPU, torch, triton)")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="measure nothing: merge the bench.json files of runs that split the plan (a --configs "
+                             "subset per GPU, each resuming the same run) into one, written to --out")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     parser.add_argument("--backend", choices=("reference", "triton"),

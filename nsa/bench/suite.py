@@ -144,6 +144,49 @@ def check_resumable(earlier: dict, results: dict, path: str) -> None:
                          f"merged:\n{lines}")
 
 
+def merge_runs(paths: list[str]) -> dict:
+    """The bench.json files of runs that split one plan between them (say, a --configs subset on each GPU of a
+    host, each resuming the same earlier run) as one result: their runs, checks and rows together. A row measured
+    in one file replaces the same case's budget skip in another; two different measurements of one case are refused,
+    as are files measured another way or on another GPU or versions (as for --resume)."""
+    merged = None
+    where: dict[tuple, int] = {}
+    for path in paths:
+        part = load_runs(path)
+        if merged is None:
+            merged = {**part, "runs": [], "checks": [], "rows": [], "configs": {}, "phases": []}
+        elif merged["runs"]:
+            check_resumable(part, {**merged, "runs": merged["runs"][:1]}, path)
+        index = []  # this file's run number -> the merged one; a run shared by several files counts once
+        for run in part["runs"]:
+            if run not in merged["runs"]:
+                merged["runs"].append(run)
+            index.append(merged["runs"].index(run))
+        merged["configs"].update(part["configs"])
+        merged["phases"] = [p for p in PHASES if p in merged["phases"] or p in part["phases"]]
+        for check in part["checks"]:
+            check = {**check, "run": index[check["run"]]}
+            if check not in merged["checks"]:
+                merged["checks"].append(check)
+        for row in part["rows"]:
+            row = {**row, "run": index[row["run"]]}
+            key = (row["config"], row["B"], row["T"], row["phase"], row["impl"])
+            if key not in where:
+                where[key] = len(merged["rows"])
+                merged["rows"].append(row)
+                continue
+            kept = merged["rows"][where[key]]
+            if spent(kept):
+                merged["rows"][where[key]] = row
+            elif not spent(row) and {**row, "speedup": None} != {**kept, "speedup": None}:
+                raise SystemExit(f"--merge {path}: {'/'.join(map(str, key))} was measured in two of the files")
+    if merged is None:
+        raise SystemExit("--merge needs at least one bench.json")
+    add_speedups(merged["rows"], merged["reference_baseline"])
+    add_fractions(merged["rows"], merged["runs"])
+    return merged
+
+
 class Runner:
     """Runs a plan, keeping every row and check in `self.results`; with `earlier` (an earlier run's results),
     keeps its rows but those the time budget left out, and measures only the cases without a kept row."""
@@ -548,20 +591,24 @@ def select_plan(plan: Plan, args) -> Plan:
 
 def run(args) -> dict:
     """`nsa bench`: run the plan the arguments select, print the table, write JSON and plots to --out."""
-    cuda = torch.cuda.is_available() and not args.tiny
-    mode = "tiny" if not cuda else ("quick" if args.quick else "full")
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        print("no GPU (or --tiny): a tiny pass on the reference backend, which exercises the harness only",
-              file=sys.stderr)
-    if args.budget is None:
-        args.budget = {"full": 480.0, "quick": 100.0, "tiny": 120.0}[mode]
-    plan = select_plan(make_plan(mode), args)
-    earlier = load_runs(args.resume) if args.resume else None
-    results = Runner(plan, mode, settings(device, args), earlier, args.resume).run()
+    if args.merge:
+        results = merge_runs(args.merge)
+    else:
+        cuda = torch.cuda.is_available() and not args.tiny
+        mode = "tiny" if not cuda else ("quick" if args.quick else "full")
+        device = torch.device("cuda" if cuda else "cpu")
+        if not cuda:
+            print("no GPU (or --tiny): a tiny pass on the reference backend, which exercises the harness only",
+                  file=sys.stderr)
+        if args.budget is None:
+            args.budget = {"full": 480.0, "quick": 100.0, "tiny": 120.0}[mode]
+        plan = select_plan(make_plan(mode), args)
+        earlier = load_runs(args.resume) if args.resume else None
+        results = Runner(plan, mode, settings(device, args), earlier, args.resume).run()
     if args.out:
         from .plots import plot_all
 
+        os.makedirs(args.out, exist_ok=True)
         results["plots"] = plot_all(results, args.out)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
