@@ -295,6 +295,36 @@ def plot(results: dict, out: str) -> list[str]:
     return ["loss.png", "retrieval.png"]
 
 
+def write_results(results: dict, out: str) -> dict:
+    """results.json and the plots in `out`, with the models that another `nsa train` wrote there under the same
+    configuration (say `--attn nsa` and `--attn dense` on two GPUs with one --out): read, merged and written under
+    a file lock, so that two processes finishing together both stay in. Returns the merged results."""
+    path = os.path.join(out, "results.json")
+    with open(os.path.join(out, ".results.lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # no POSIX locks (Windows): one process per --out
+            pass
+        if os.path.exists(path):
+            with open(path) as f:
+                earlier = json.load(f)
+            same = {k: results[k] for k in ("preset", "config")}
+            if {k: earlier.get(k) for k in same} == json.loads(json.dumps(same)):  # as JSON: tuples read as lists
+                others = {k: v for k, v in earlier["models"].items() if k not in results["models"]}
+                models = {**others, **results["models"]}
+                results = {**results, "models": {k: models[k] for k in sorted(models, key=("nsa", "dense").index)},
+                           "commands": list(dict.fromkeys(earlier["commands"] + results["commands"]))}
+            else:
+                print(f"{path} came from another configuration: replaced", file=sys.stderr)
+        results["plots"] = plot(results, out)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `nsa train`."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="tiny",
@@ -332,12 +362,14 @@ def run(args: argparse.Namespace) -> dict:
     splits = data.load(cfg.corpus)
     print(splits.describe(), file=sys.stderr)
     lengths = [m * cfg.seqlen for m in cfg.eval_multiples]
-    results = {"command": command_line(args), "preset": args.preset, "config": dataclasses.asdict(cfg),
+    command = command_line(args)
+    results = {"commands": [command], "preset": args.preset, "config": dataclasses.asdict(cfg),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "models": {}}
     for attn_impl in (("nsa", "dense") if args.attn == "both" else (args.attn,)):
         run_ = train_model(cfg, attn_impl, splits, args.out, device, resume=args.resume)
         model = run_.pop("model")
+        run_["command"] = command
         run_["evals"] = evals.evaluate(model, splits.val, lengths, cfg.eval_samples, cfg.seed, autocast_dtype(device))
         results["models"][attn_impl] = run_
         del model
@@ -350,8 +382,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{attn_impl}: validation loss {final:.4f} after {run_['seconds']:.0f} s "
               f"({'?' if rate is None else f'{rate:,.0f}'} tokens/s); {summary}", file=sys.stderr)
         # Written after every model, so that a run cut short keeps what it finished.
-        results["plots"] = plot(results, args.out)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        results = write_results(results, args.out)
     print(f"wrote {', '.join(['results.json', *results['plots']])} to {args.out}", file=sys.stderr)
     return results

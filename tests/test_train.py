@@ -95,11 +95,29 @@ def test_cli_writes_results(tmp_path, monkeypatch):
     main(["train", "--out", out])
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    assert results["command"] == f"nsa train --preset tiny --attn both --out {out}"
+    assert results["commands"] == [f"nsa train --preset tiny --attn both --out {out}"]
     assert set(results["models"]) == {"nsa", "dense"}
     assert all(run["tokens_per_second"] > 0 for run in results["models"].values())
     for name in ("loss.png", "retrieval.png", "ckpt_nsa.pt", "ckpt_dense.pt"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_two_processes_fill_one_results_file(tmp_path, monkeypatch):
+    """--attn nsa and --attn dense with one --out (one per GPU, say): one results.json with both models, each
+    naming its command; a run of another configuration replaces the file instead of mixing with it."""
+    monkeypatch.setitem(train.PRESETS, "tiny", train.TrainConfig(**{**SMALL.__dict__, "steps": 2}))
+    out = str(tmp_path / "run")
+    for attn in ("dense", "nsa"):
+        main(["train", "--attn", attn, "--out", out])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert list(results["models"]) == ["nsa", "dense"]
+    commands = [f"nsa train --preset tiny --attn {attn} --out {out}" for attn in ("dense", "nsa")]
+    assert results["commands"] == commands
+    assert [run["command"] for run in results["models"].values()] == commands[::-1]
+    main(["train", "--attn", "nsa", "--steps", "1", "--out", out])
+    with open(os.path.join(out, "results.json")) as f:
+        assert list(json.load(f)["models"]) == ["nsa"]
 
 
 def test_demo_trains_the_tiny_preset(tmp_path, monkeypatch):
@@ -109,7 +127,7 @@ def test_demo_trains_the_tiny_preset(tmp_path, monkeypatch):
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert os.path.getsize(picture) > 0 and set(results["models"]) == {"nsa", "dense"}
-    assert results["command"] == f"nsa train --preset tiny --attn both --out {out}"
+    assert results["commands"] == [f"nsa train --preset tiny --attn both --out {out}"]
 
 
 @pytest.mark.parametrize("preset,seqlen", [("gpu", 8192), ("gpu32k", 32768)])
