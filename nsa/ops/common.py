@@ -230,6 +230,19 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
+def load_grad_rows(Q, DO, LSE, DELTA, row, rows, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr):
+    """What softmax_grad_step needs of the query rows `row` (indices into the [N_tok * H, D] views; `rows` masks
+    them): q and do in their column parts, lse2 = lse * log2(e) (+inf on masked rows, whose probabilities are
+    then 0) and delta."""
+    qa, qb = load_split(Q, row, 0, 1, rows, DK, BLOCK_DK, BLOCK_DK2)
+    doa, dob = load_split(DO, row, 0, 1, rows, DV, BLOCK_DV, BLOCK_DV2)
+    lse2 = tl.load(LSE + row, mask=rows, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=rows, other=0.0)
+    return qa, qb, doa, dob, lse2, delta
+
+
+@triton.jit
 def softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                       BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr):
     """Probabilities p and score gradients dz of one key tile, z = scale * q.k (FlashAttention-2).

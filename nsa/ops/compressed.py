@@ -54,6 +54,33 @@ def group_rows(t0, seq_len, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
+def group_program(cu_seqlens, cu_cmp, HKV, BLOCK_T: tl.constexpr):
+    """The sequence, KV head and query tile of a program over (query tile, sequence x KV head), the last tiles
+    (which see the most compressed tokens) started first: (kvh, tok0, seq_len, t0, cmp0, num_cmp). A program
+    with t0 >= seq_len has nothing to do."""
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    tok0 = tl.load(cu_seqlens + seq)
+    seq_len = tl.load(cu_seqlens + seq + 1) - tok0
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
+    cmp0 = tl.load(cu_cmp + seq)
+    return kvh, tok0, seq_len, t0, cmp0, tl.load(cu_cmp + seq + 1) - cmp0
+
+
+@triton.jit
+def group_grad_rows(q, do, lse, delta, tok0, t, g, valid, kvh, G: tl.constexpr, HQ, dv_mask, DK: tl.constexpr,
+                    DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a backward program needs of the rows of a group tile (group_rows): q in its column parts, do
+    [M, BLOCK_DV], lse2 = lse * log2(e) (+inf on invalid rows: probability 0) and delta."""
+    qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
+    do_offs, _ = tile_offsets(tok0 + t, kvh * G + g, HQ, DV, BLOCK_DV)
+    do_tile = tl.load(do + do_offs, mask=valid[:, None] & dv_mask, other=0.0)
+    row = (tok0 + t).to(tl.int64) * HQ + kvh * G + g
+    lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
+    return qa, qb, do_tile, lse2, tl.load(delta + row, mask=valid, other=0.0)
+
+
+@triton.jit
 def num_visible(t_end, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """How many compressed tokens the queries before t_end see (i*d + l <= t_end); <= 0 means none."""
     return (t_end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE
@@ -104,16 +131,9 @@ def cmp_fwd_kernel(
     BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    tok0 = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - tok0
-    # The last query tiles see the most compressed tokens: start them first.
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
+    kvh, tok0, seq_len, t0, cmp0, num_cmp = group_program(cu_seqlens, cu_cmp, HKV, BLOCK_T)
     if t0 >= seq_len:
         return
-    cmp0 = tl.load(cu_cmp + seq)
-    num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
     qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
@@ -177,12 +197,8 @@ def cmp_bwd_dkdv_kernel(
     t_end = tl.minimum(seq_len, (chunk + 1) * chunk_len)
     for t0 in range(t_begin, t_end, BLOCK_T):
         t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-        qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
-        do_offs, _ = tile_offsets(tok0 + t, kvh * G + g, HQ, DV, BLOCK_DV)
-        do_tile = tl.load(do + do_offs, mask=valid[:, None] & dv_mask, other=0.0)
-        row = (tok0 + t).to(tl.int64) * HQ + kvh * G + g
-        lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
-        delta_row = tl.load(delta + row, mask=valid, other=0.0)
+        qa, qb, do_tile, lse2, delta_row = group_grad_rows(q, do, lse, delta, tok0, t, g, valid, kvh, G, HQ, dv_mask,
+                                                           DK, DV, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
         s_t = dot_split(ka, kb, qa, qb, BLOCK_DK2, DOT_PREC) * scale2
         visible = i[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1
         p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
@@ -206,23 +222,14 @@ def cmp_bwd_dq_kernel(
     BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    tok0 = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - tok0
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
+    kvh, tok0, seq_len, t0, cmp0, num_cmp = group_program(cu_seqlens, cu_cmp, HKV, BLOCK_T)
     if t0 >= seq_len:
         return
-    cmp0 = tl.load(cu_cmp + seq)
-    num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
-    qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
-    do_offs, dv_mask = tile_offsets(tok0 + t, kvh * G + g, HQ, DV, BLOCK_DV)
-    do_tile = tl.load(do + do_offs, mask=valid[:, None] & dv_mask, other=0.0)
-    row = (tok0 + t).to(tl.int64) * HQ + kvh * G + g
-    lse2 = tl.load(lse + row, mask=valid, other=float("inf")) * 1.4426950408889634
-    delta_row = tl.load(delta + row, mask=valid, other=0.0)
+    dv_mask = (tl.arange(0, BLOCK_DV) < DV)[None, :]
+    qa, qb, do_tile, lse2, delta_row = group_grad_rows(q, do, lse, delta, tok0, t, g, valid, kvh, G, HQ, dv_mask, DK,
+                                                       DV, BLOCK_DK, BLOCK_DK2, BLOCK_DV)
 
     dqa, dqb = zeros_split(BLOCK_T * G_PAD, BLOCK_DK, BLOCK_DK2)
     # Queries past the end of the sequence would see tokens past num_cmp: those loads are masked.

@@ -31,6 +31,7 @@ from .common import (
     autotune_configs,
     dot_acc_split,
     dot_precision,
+    load_grad_rows,
     load_split,
     padded_dim,
     softmax_finish,
@@ -51,6 +52,15 @@ SEGMENT_ROWS = 64
 SEGMENT = 1024
 # No block: sorts after every real block index in a chunk's union.
 NO_BLOCK = torch.iinfo(torch.int32).max
+
+
+# The tuning space of the forward and of dq, which run the same programs over the same chunks.
+_CHUNK_CONFIGS = [
+    triton.Config({}, num_warps=4, num_stages=2),
+    triton.Config({}, num_warps=4, num_stages=3),
+    triton.Config({}, num_warps=8, num_stages=2),
+    triton.Config({}, num_warps=2, num_stages=3),
+]
 
 
 @triton.jit
@@ -103,15 +113,42 @@ def _chosen_rows(sel, blk, valid, BLOCK_Q: tl.constexpr):
     return chosen
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=4, num_stages=3),
-        triton.Config({}, num_warps=8, num_stages=2),
-        triton.Config({}, num_warps=2, num_stages=3),
-    ]),
-    key=["DK", "DV", "G", "LS"],
-)
+@triton.jit
+def _chunk(IDX, UNION, COUNT, CU, TILES, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+           NSEL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_NSEL: tl.constexpr):
+    """What a forward or dq program knows of its chunk before the first key: (hkv, bos, t, t_last, row_q, valid,
+    sel, blocks, count): the M side's rows (_group_rows), each row's selection sel [M, BLOCK_NSEL] (-1 padded)
+    and the chunk's block list (_chunk_blocks_of)."""
+    hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
+    t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
+    offs_sel = tl.arange(0, BLOCK_NSEL)
+    sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
+                  mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
+    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
+    return hkv, bos, t, t_last, row_q, valid, sel, blocks, count
+
+
+@triton.jit
+def _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                   TILES_PER_BLOCK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr):
+    """Step i of the flat loop over (block, key tile): k and v of the tile in their column parts and which
+    (row, key) pairs attend (the row selected the block, the key is not after the row's query)."""
+    blk = tl.load(blocks + i // TILES_PER_BLOCK)
+    chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
+    s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # Keys after the chunk's last query are never visible: load nothing there (that also keeps loads inside
+    # the sequence).
+    in_blk = (s < (blk + 1) * LS) & (s <= t_last)
+    row_kv = (bos + s) * HKV + hkv
+    ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
+    va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
+    visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
+    return ka, kb, va, vb, visible
+
+
+@triton.autotune(configs=autotune_configs(_CHUNK_CONFIGS), key=["DK", "DV", "G", "LS"])
 @triton.jit
 def _slc_fwd_kernel(
     Q, K, V, O, LSE, IDX, CU, TILES, UNION, COUNT, qk_scale,
@@ -120,14 +157,10 @@ def _slc_fwd_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
-    t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
-    offs_sel = tl.arange(0, BLOCK_NSEL)
+    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, COUNT, CU, TILES, HQ, HKV, G, GP,
+                                                                   NSEL, BLOCK_Q, BLOCK_NSEL)
     # Rows of q, o and k, v are addressed in their [N_tok * H, D] views (head 0 of 1).
     qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
-    sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
-                  mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
-    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
 
     acc_a, acc_b = zeros_split(BLOCK_Q * GP, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_Q * GP], float("-inf"), dtype=tl.float32)
@@ -135,16 +168,9 @@ def _slc_fwd_kernel(
     # One flat loop over (block, key tile) so that the pipeliner prefetches the next block's K/V (a loop per
     # block would have one iteration at l' = 64 and nothing to overlap).
     for i in range(0, count * TILES_PER_BLOCK):
-        blk = tl.load(blocks + i // TILES_PER_BLOCK)
-        chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
-        s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
-        # Keys after the chunk's last query are never visible: load nothing there (that also keeps loads
-        # inside the sequence).
-        in_blk = (s < (blk + 1) * LS) & (s <= t_last)
-        row_kv = (bos + s) * HKV + hkv
-        ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
-        va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
-        visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
+        ka, kb, va, vb, visible = _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV, DK, DV, LS,
+                                                 BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                                 BLOCK_DV2)
         acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
                                                     BLOCK_DK2, BLOCK_DV2, PRECISION)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
@@ -153,15 +179,7 @@ def _slc_fwd_kernel(
     tl.store(LSE + row_q, lse, mask=valid)
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=4, num_stages=3),
-        triton.Config({}, num_warps=8, num_stages=2),
-        triton.Config({}, num_warps=2, num_stages=3),
-    ]),
-    key=["DK", "DV", "G", "LS"],
-)
+@triton.autotune(configs=autotune_configs(_CHUNK_CONFIGS), key=["DK", "DV", "G", "LS"])
 @triton.jit
 def _slc_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
@@ -171,28 +189,17 @@ def _slc_bwd_dq_kernel(
     TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of a chunk: p recomputed from q, k and lse, dp from do and v, over the same blocks as the forward."""
-    hkv, chunk, bos, L, t0, t_last = _chunk_program(TILES, CU, HKV, BLOCK_Q)
-    t, row_q, valid = _group_rows(tl.arange(0, BLOCK_Q * GP), t0, L, bos, hkv, G, GP, HQ)
-    offs_sel = tl.arange(0, BLOCK_NSEL)
-    qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
-    doa, dob = load_split(DO, row_q, 0, 1, valid, DV, BLOCK_DV, BLOCK_DV2)
-    lse2 = tl.load(LSE + row_q, mask=valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row_q, mask=valid, other=0.0)
-    sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
-                  mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
-    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
+    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, COUNT, CU, TILES, HQ, HKV, G, GP,
+                                                                   NSEL, BLOCK_Q, BLOCK_NSEL)
+    qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, valid, DK, DV, BLOCK_DK, BLOCK_DK2,
+                                                   BLOCK_DV, BLOCK_DV2)
 
     dqa, dqb = zeros_split(BLOCK_Q * GP, BLOCK_DK, BLOCK_DK2)
     # One flat loop over (block, key tile), as in the forward, so that the next block's K/V is prefetched.
     for i in range(0, count * TILES_PER_BLOCK):
-        blk = tl.load(blocks + i // TILES_PER_BLOCK)
-        chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
-        s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
-        in_blk = (s < (blk + 1) * LS) & (s <= t_last)
-        row_kv = (bos + s) * HKV + hkv
-        ka, kb = load_split(K, row_kv, 0, 1, in_blk, DK, BLOCK_DK, BLOCK_DK2)
-        va, vb = load_split(V, row_kv, 0, 1, in_blk, DV, BLOCK_DV, BLOCK_DV2)
-        visible = chosen[:, None] & (s[None, :] <= t[:, None]) & in_blk[None, :]
+        ka, kb, va, vb, visible = _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV, DK, DV, LS,
+                                                 BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                                 BLOCK_DV2)
         p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                   BLOCK_DK2, BLOCK_DV2, PRECISION)
         dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
@@ -247,10 +254,8 @@ def _slc_bwd_segment_kernel(
             valid = (entry < end) & (g < G)
             tok = tl.load(QUERIES + entry, mask=valid, other=0).to(tl.int64)
             row_q = tok * HQ + hkv * G + g
-            qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
-            doa, dob = load_split(DO, row_q, 0, 1, valid, DV, BLOCK_DV, BLOCK_DV2)
-            lse2 = tl.load(LSE + row_q, mask=valid, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row_q, mask=valid, other=0.0)
+            qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, valid, DK, DV, BLOCK_DK,
+                                                           BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
             visible = valid[:, None] & (s[None, :] <= (tok - bos)[:, None]) & in_blk[None, :]
             p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                       BLOCK_DK2, BLOCK_DV2, PRECISION)

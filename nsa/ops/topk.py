@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..config import SparsityConfig
 from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split, tile_offsets
-from .compressed import group_rows, group_tiling
+from .compressed import group_program, group_rows, group_tiling
 
 # Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
 BLOCK_N = 128
@@ -58,16 +58,10 @@ def select_blocks_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
     ONE_TO_ONE: tl.constexpr,
 ):
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    tok0 = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - tok0
-    # The last query tiles have the most candidate blocks: start them first.
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
+    # The last query tiles have the most candidate blocks: group_program starts them first.
+    kvh, tok0, seq_len, t0, cmp0, num_cmp = group_program(cu_seqlens, cu_cmp, HKV, BLOCK_T)
     if t0 >= seq_len:
         return
-    cmp0 = tl.load(cu_cmp + seq)
-    num_cmp = tl.load(cu_cmp + seq + 1) - cmp0
     HQ = HKV * G
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
     qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)

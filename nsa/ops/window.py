@@ -20,6 +20,7 @@ from .common import (
     autotune_configs,
     dot_acc_split,
     dot_precision,
+    load_grad_rows,
     load_split,
     padded_dim,
     query_tiles,
@@ -48,6 +49,38 @@ def _gated_sum(g_cmp, g_slc, g_win, o_cmp, o_slc, o_win):
             + g_win[:, None] * o_win.to(tl.float32))
 
 
+@triton.jit
+def _query_tile(CU, TILES, window, HQ: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query head and tile of a forward or dq program, heads varying fastest so that the G heads of a group
+    read the same K/V tiles while they sit in L2. Returns (hkv, bos, L, offs_m, in_q, row_q, lo, hi): row_q in
+    the [N_tok * HQ, D] views, and the key tiles lo .. hi (BLOCK_N-aligned) that meet the tile's band."""
+    pid = tl.program_id(0)
+    hq = pid % HQ
+    tile = pid // HQ
+    seq = tl.load(TILES + 2 * tile)
+    m0 = tl.load(TILES + 2 * tile + 1)
+    bos = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - bos
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
+    return hq // G, bos, L, offs_m, offs_m < L, (bos + offs_m) * HQ + hq, lo, tl.minimum(m0 + BLOCK_M, L)
+
+
+@triton.jit
+def _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_DV2: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N of KV head hkv for the query rows offs_m: k and v in their column parts and the
+    band t - w < s <= t within the sequence."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_seq = offs_n < L
+    row_kv = (bos + offs_n) * HKV + hkv
+    ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
+    visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
+    return ka, kb, va, vb, visible
+
+
 @triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -63,34 +96,16 @@ def _win_fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):
-    # Heads vary fastest so that the G heads of a group read the same K/V tiles while they sit in L2.
-    pid = tl.program_id(0)
-    hq = pid % HQ
-    tile = pid // HQ
-    hkv = hq // G
-    seq = tl.load(TILES + 2 * tile)
-    m0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    in_q = offs_m < L
+    hkv, bos, L, offs_m, in_q, row_q, lo, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
     # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
-    row_q = (bos + offs_m) * HQ + hq
     qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
 
     acc_a, acc_b = zeros_split(BLOCK_M, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(m0 + BLOCK_M, L)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_kv = (bos + offs_n) * (HQ // G) + hkv
-        in_seq = offs_n < L
-        ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
-        va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
-        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
+        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HQ // G, window, DK, DV, BLOCK_N,
+                                             BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
         acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
                                                     BLOCK_DK2, BLOCK_DV2, PRECISION)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
@@ -155,10 +170,8 @@ def _win_bwd_dkdv_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             in_q = offs_m < L
             row_q = (bos + offs_m) * (HKV * G) + hq
-            qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
-            doa, dob = load_split(DO, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
-            lse2 = tl.load(LSE + row_q, mask=in_q, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row_q, mask=in_q, other=0.0)
+            qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, in_q, DK, DV, BLOCK_DK,
+                                                           BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
             visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_q[:, None]
             p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                       BLOCK_DK2, BLOCK_DV2, PRECISION)
@@ -183,34 +196,14 @@ def _win_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    hq = pid % HQ
-    tile = pid // HQ
-    hkv = hq // G
-    seq = tl.load(TILES + 2 * tile)
-    m0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    in_q = offs_m < L
-    # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
-    row_q = (bos + offs_m) * HQ + hq
-    qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
-    doa, dob = load_split(DO, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
-    lse2 = tl.load(LSE + row_q, mask=in_q, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row_q, mask=in_q, other=0.0)
+    hkv, bos, L, offs_m, in_q, row_q, lo, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
+    qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, in_q, DK, DV, BLOCK_DK, BLOCK_DK2,
+                                                   BLOCK_DV, BLOCK_DV2)
 
     dqa, dqb = zeros_split(BLOCK_M, BLOCK_DK, BLOCK_DK2)
-    lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(m0 + BLOCK_M, L)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_kv = (bos + offs_n) * (HQ // G) + hkv
-        in_seq = offs_n < L
-        ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
-        va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
-        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
+        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HQ // G, window, DK, DV, BLOCK_N,
+                                             BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
         p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                   BLOCK_DK2, BLOCK_DV2, PRECISION)
         dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
