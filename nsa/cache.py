@@ -76,16 +76,17 @@ class StepState:
         return self.layer.k[:, :length], self.layer.v[:, :length]
 
 
-def gather_positions(ring: torch.Tensor, past: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The entries at absolute positions pos [B, K] of a sequence whose tokens before past [B] lie in `ring`
-    [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new` [B, C, ...]. Positions outside
+def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    """For each (ring, new) of `pairs`, the entries at absolute positions pos [B, K] of a sequence whose tokens
+    before past [B] lie in `ring` [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new`
+    [B, C, ...]; the rings share R and the news share C, so the indices are computed once. Positions outside
     both give an arbitrary entry (callers mask them)."""
-    B, R = ring.shape[:2]
+    R, C = pairs[0][0].shape[1], pairs[0][1].shape[1]
+    batch = torch.arange(pos.shape[0], device=pos.device)[:, None]
     rel = pos - past[:, None].long()
-    from_new = new[torch.arange(B, device=pos.device)[:, None], rel.clamp(0, new.shape[1] - 1)]
-    from_ring = ring[torch.arange(B, device=pos.device)[:, None], pos.clamp_min(0) % R]
-    keep = (rel >= 0).view(*rel.shape, *([1] * (new.dim() - 2)))
-    return torch.where(keep, from_new, from_ring)
+    at_new, at_ring, keep = rel.clamp(0, C - 1), pos.clamp_min(0) % R, rel >= 0
+    return [torch.where(keep.view(*keep.shape, *([1] * (new.dim() - 2))), new[batch, at_new], ring[batch, at_ring])
+            for ring, new in pairs]
 
 
 def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
@@ -244,8 +245,8 @@ class NSACache:
         i = first[:, None] + torch.arange(nb, device=k_raw.device)
         done = i * d + l <= end[:, None]
         token = (i * d)[:, :, None] + torch.arange(l, device=k_raw.device)
-        blocks = [gather_positions(ring, past, new, token.flatten(1))
-                  for ring, new in ((layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids))]
+        tails = ((layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids))
+        blocks = gather_positions(tails, past, token.flatten(1))
         starts = torch.arange(nb, device=k_raw.device) * l
         k_cmp, v_cmp = compress(*blocks, starts)
         rows_per_seq = layer.k_cmp.shape[1]
@@ -255,8 +256,7 @@ class NSACache:
         layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target.flatten(), v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp
         tail = ring_positions(end, l)
-        layer.k_tail, layer.v_tail, layer.pos_tail = (gather_positions(ring, past, new, tail) for ring, new in (
-            (layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids)))
+        layer.k_tail, layer.v_tail, layer.pos_tail = gather_positions(tails, past, tail)
 
     def _window(self, layer, past, end, k_win, v_win, C, cfg: SparsityConfig):
         """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
@@ -264,10 +264,10 @@ class NSACache:
         step = None
         if size > layer.k_win.shape[1]:
             at = ring_positions(end, size)
-            step = tuple(gather_positions(r, past, n, at) for r, n in ((layer.k_win, k_win), (layer.v_win, v_win)))
+            step = tuple(gather_positions(((layer.k_win, k_win), (layer.v_win, v_win)), past, at))
         at = ring_positions(end, layer.k_win.shape[1])
-        layer.k_win, layer.v_win = (gather_positions(r, past, n.to(r.dtype), at)
-                                    for r, n in ((layer.k_win, k_win), (layer.v_win, v_win)))
+        layer.k_win, layer.v_win = gather_positions(((layer.k_win, k_win.to(layer.k_win.dtype)),
+                                                     (layer.v_win, v_win.to(layer.v_win.dtype))), past, at)
         return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
