@@ -1,6 +1,9 @@
 """`nsa bench` end to end: the tiny pass on the reference writes a complete JSON and the plots."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -138,3 +141,16 @@ def test_merge_joins_runs_that_split_the_plan(tmp_path, monkeypatch, capsys):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="measured in two"):
         main(["--merge", str(parts[0] / "bench.json"), str(tmp_path / "other.json")])
+
+
+def test_bench_split_runs_one_process_per_group_and_merges(tmp_path):
+    """benchmarks/bench_split.sh (here the tiny pass on the CPU): one part per configuration group, one merged table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHON": sys.executable, "RESUME": "", "BUDGET": "100"}
+    subprocess.run(["bash", os.path.join(root, "benchmarks", "bench_split.sh"), str(tmp_path), "paper", "g4"],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=900)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    parts = [json.loads((tmp_path / f"part{i}" / "bench.json").read_text()) for i in range(2)]
+    assert len(report["runs"]) == 2 and {r["run"] for r in report["rows"]} == {0, 1}
+    assert len(report["rows"]) == sum(len(part["rows"]) for part in parts)
+    assert {r["config"] for r in report["rows"] if r["phase"] == "fwd"} == {"paper", "g4"}
