@@ -50,17 +50,22 @@ def _gated_sum(g_cmp, g_slc, g_win, o_cmp, o_slc, o_win):
 
 
 @triton.jit
+def _program_tile(CU, TILES, H: tl.constexpr):
+    """The head (of H, varying fastest across programs) and the tile of this program: (head, first position of
+    the tile, the sequence's first token bos, its length L)."""
+    pid = tl.program_id(0)
+    tile = pid // H
+    seq = tl.load(TILES + 2 * tile)
+    bos = tl.load(CU + seq).to(tl.int64)
+    return pid % H, tl.load(TILES + 2 * tile + 1), bos, tl.load(CU + seq + 1) - bos
+
+
+@triton.jit
 def _query_tile(CU, TILES, window, HQ: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query head and tile of a forward or dq program, heads varying fastest so that the G heads of a group
     read the same K/V tiles while they sit in L2. Returns (hkv, bos, L, offs_m, in_q, row_q, lo, hi): row_q in
     the [N_tok * HQ, D] views, and the key tiles lo .. hi (BLOCK_N-aligned) that meet the tile's band."""
-    pid = tl.program_id(0)
-    hq = pid % HQ
-    tile = pid // HQ
-    seq = tl.load(TILES + 2 * tile)
-    m0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
+    hq, m0, bos, L = _program_tile(CU, TILES, HQ)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
     return hq // G, bos, L, offs_m, offs_m < L, (bos + offs_m) * HQ + hq, lo, tl.minimum(m0 + BLOCK_M, L)
@@ -145,14 +150,7 @@ def _win_bwd_dkdv_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    hkv = pid % HKV
-    tile = pid // HKV
-    seq = tl.load(TILES + 2 * tile)
-    n0 = tl.load(TILES + 2 * tile + 1)
-    bos = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - bos
-
+    hkv, n0, bos, L = _program_tile(CU, TILES, HKV)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_seq = offs_n < L
     # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
