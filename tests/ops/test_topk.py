@@ -66,20 +66,22 @@ def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
 
 # (lengths, batch, HQ, HKV, DK, cfg, block_n): selections with more candidates than slots, T < l, a batch of
 # 2, varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l', DK split
-# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. block_n = 32 or 16 makes tiles of 7 or 3 blocks, so that the
-# running top-n merges several tiles (the default 128 covers the whole of most tiny sequences).
+# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. block_n = 32
+# or 16 makes tiles of 8 or 4 blocks of the paper's knobs (2 where l'/d = 6 pads to 8), so that the running top-n
+# merges several tiles and carries the spill of each tile's last block into the next (the default 128 covers
+# the whole of most tiny sequences).
 CASES = [
-    pytest.param([800], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-7-block-tiles"),
-    pytest.param([700], None, 2, 1, 192, SparsityConfig(), 128, id="paper-knobs-DK192-31-block-tiles"),
+    pytest.param([800], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-8-block-tiles"),
+    pytest.param([700], None, 2, 1, 192, SparsityConfig(), 128, id="paper-knobs-DK192-32-block-tiles"),
     pytest.param([20], None, 3, 1, 16, SparsityConfig(), 128, id="T-below-l-G3"),
     pytest.param(None, (2, 150), 2, 2, 16, SMALL, 16, id="batch2-G1"),
     pytest.param([37, 0, 201, 9], None, 8, 2, 48, SMALL, 16, id="varlen-G4-DK48"),
     pytest.param([130], None, 16, 1, 16, SMALL, 128, id="G16"),
     pytest.param([99], None, 8, 1, 16, SparsityConfig(16, 8, 48, 3, 0, 0), 16, id="G8-slc48-nothing-forced"),
     pytest.param([150], None, 6, 1, 16, SparsityConfig(32, 16, 32, 5, 1, 1), 16, id="G6-l-equals-slc"),
-    # n = 2 against tiles of 7 blocks: most tiles hold more keys above the bar than there are slots.
-    pytest.param([900], None, 2, 1, 16, SparsityConfig(32, 16, 64, 2, 0, 1), 32, id="n2-7-block-tiles"),
-    # l = d = l' (fla's knobs, scaled): compressed token j is block j, no overlap product; 32-block tiles.
+    # n = 2 against tiles of 8 blocks: most tiles hold more keys above the bar than there are slots.
+    pytest.param([900], None, 2, 1, 16, SparsityConfig(32, 16, 64, 2, 0, 1), 32, id="n2-8-block-tiles"),
+    # l = d = l' (fla's knobs, scaled): compressed token j is block j, nothing spills; 32-block tiles.
     pytest.param([1100], None, 4, 1, 16, SparsityConfig(16, 16, 16, 4, 1, 2), 32, id="l-d-lprime-equal"),
 ]
 
