@@ -10,12 +10,11 @@ with block m and w1[k] = (k*d + l - l')^+ / d with block m + 1 (l <= l', so no t
 into the next block moves one block along (the last block's spill is carried into the next tile), and the tile
 merges into a running top-n kept in registers.
 
-The running top-n is an unordered set of n keys per query with its minimum as the bar to enter: a tile costs
-one insertion round (a row maximum of the tile, an argmin of the set) per key that beats its row's bar, as many
-rounds as the row with the most such keys needs, and never more than n: the rounds take the tile's keys in
-descending order, so once n of them are in, every key left has n larger ones in the union and stays out. Past
-the first tiles few blocks beat the n-th best seen so far, so most tiles need no round at all, where a sorted
-merge would pay n rounds for every tile.
+The running top-n is kept sorted in descending order, KP = next_power_of_2(n) keys per query (the n-th is the
+bar to enter). A tile whose keys all stay under their rows' bars is skipped; otherwise its own top KP (Triton's
+bitonic top-k) merge with the set in one bitonic step: the set against the tile's top in ascending order, the
+larger of each pair, gives the KP largest of both as a bitonic sequence, sorted again in log2(KP) stages. The
+cost per tile is fixed, however many of its keys enter.
 
 Top-n keys are int64: the float32 score's bits (order-preserving for scores >= 0) in the high word and
 2^31 - 1 - j in the low word, so that the larger key wins and equal scores go to the smaller block j. Forced
@@ -65,10 +64,9 @@ def select_blocks_kernel(
     jt = tq // SLC_BLOCK
     jj = tl.arange(0, BJ)
     slot = tl.arange(0, KP)
-    # The top-n set: empty slots hold -1 (below every candidate); slots past n hold the largest int64, so
-    # they are never the minimum that the next insertion replaces.
-    best = tl.where(slot[None, :] < NUM_SELECTED, tl.full([BLOCK_T, KP], -1, tl.int64), 0x7FFFFFFFFFFFFFFF)
-    bar = tl.min(best, 1)
+    # The top-n set, sorted descending: empty slots hold -1, below every candidate.
+    best = tl.full([BLOCK_T, KP], -1, tl.int64)
+    bar = tl.full([BLOCK_T], -1, tl.int64)
     # Token k of a block: its place in the tile's columns, and its overlaps / d with its own and the next block.
     n = tl.arange(0, BJ * R_PAD)
     k = n % R_PAD
@@ -106,16 +104,9 @@ def select_blocks_kernel(
         key = (bits << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64)
         key = tl.where(candidate, key, -1)
 
-        # Only keys above their row's bar enter; each round moves the largest remaining one of every row in,
-        # in place of the row's minimum (a row whose largest is below its bar is left as it is). At most n
-        # rounds: the first tile of a long sequence has BJ candidates above the empty set's bar.
-        rounds = tl.minimum(tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)), NUM_SELECTED)
-        for _ in range(rounds):
-            top = tl.max(key, 1)
-            out = tl.argmin(best, 1)
-            best = tl.where((slot[None, :] == out[:, None]) & (top > bar)[:, None], top[:, None], best)
-            key = tl.where(key == top[:, None], -1, key)
-            bar = tl.min(best, 1)
+        if tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)) > 0:
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
+            bar = tl.sum(tl.where(slot[None, :] == NUM_SELECTED - 1, best, 0), 1)
 
     # Order the chosen blocks by j: the largest -j first.
     chosen_slot = (best >= 0) & (slot[None, :] < NUM_SELECTED)
@@ -157,13 +148,14 @@ def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: flo
     k_cmp = k_cmp.contiguous() if k_cmp.shape[0] else k_cmp.new_zeros(1, HKV, DK)
     tiling = group_tiling(HQ, HKV, DK, DK, q.dtype)
     tiling.pop("BLOCK_DV")
-    # Tiles of BJ blocks, each block's l'/d tokens padded to a power of two; the product needs 16 columns.
-    r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
-    block_n = max(16, r_pad, triton.next_power_of_2(block_n))
+    # Tiles of BJ >= KP blocks (the tile's top-k needs KP keys), each block's l'/d tokens padded to a power of
+    # two; the product needs 16 columns.
+    r_pad, kp = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride), max(2, triton.next_power_of_2(n))
+    block_n = max(16, r_pad * kp, triton.next_power_of_2(block_n))
     grid = (triton.cdiv(packed.max_len, tiling["BLOCK_T"]), packed.num_seqs * HKV)
     select_blocks_kernel[grid](
         q, k_cmp, lse, idx, packed.cu_seqlens, packed.cu_cmp, scale * LOG2E, HKV, DK=DK,
-        BJ=block_n // r_pad, R_PAD=r_pad, KP=triton.next_power_of_2(n),
+        BJ=block_n // r_pad, R_PAD=r_pad, KP=kp,
         NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
         CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, **tiling,
     )
