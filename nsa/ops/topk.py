@@ -10,7 +10,7 @@ with block m and w1[k] = (k*d + l - l')^+ / d with block m + 1 (l <= l', so no t
 into the next block moves one block along (the last block's spill is carried into the next tile), and the tile
 merges into a running top-n kept in registers.
 
-The running top-n is kept sorted in descending order, KP = next_power_of_2(n) keys per query (the n-th is the
+The running top-n is kept sorted in descending order, KP = next_power_of_2(n) >= 2 keys per query (the n-th is the
 bar to enter). A tile whose keys all stay under their rows' bars is skipped; otherwise its own top KP (Triton's
 bitonic top-k) merge with the set in one bitonic step: the set against the tile's top in ascending order, the
 larger of each pair, gives the KP largest of both as a bitonic sequence, sorted again in log2(KP) stages. The
@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..config import SparsityConfig
 from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split
-from .compressed import group_program, group_rows, group_tiling
+from .compressed import FWD_BLOCK_M, group_program, group_rows, group_tiling
 
 # Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
 BLOCK_N = 128
@@ -146,7 +146,7 @@ def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: flo
     q, lse = q.contiguous(), lse.contiguous()
     # With no compressed token at all the kernel still selects (all scores 0); it reads no key then.
     k_cmp = k_cmp.contiguous() if k_cmp.shape[0] else k_cmp.new_zeros(1, HKV, DK)
-    tiling = group_tiling(HQ, HKV, DK, DK, q.dtype)
+    tiling = group_tiling(HQ, HKV, DK, DK, q.dtype, FWD_BLOCK_M)
     tiling.pop("BLOCK_DV")
     # Tiles of BJ >= KP blocks (the tile's top-k needs KP keys), each block's l'/d tokens padded to a power of
     # two; the product needs 16 columns.
