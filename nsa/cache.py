@@ -17,8 +17,10 @@ HKV * (DK + DV) * (1 + 1/d) for the raw and compressed K/V, i.e. 1.0625 x a dens
 (paper shapes, bf16: 4 * 320 * 2 * 1.0625 = 2720 bytes); plus per sequence HKV * (DK + DV) * (l + w + 15) for the
 tail and the window ring (when the window has its own K/V).
 
-Every update writes with device-side indices (no host synchronisation), so that a decode step with a paged or
-pre-sized cache can be captured in a CUDA graph. A dense attention layer uses the same object and fills k, v.
+Every update writes with device-side indices (no host synchronisation) and in place (after a layer's first update
+no step moves any of its tensors, unless a contiguous cache has to grow), so that a decode step with a paged or
+pre-sized cache can be captured in a CUDA graph and replayed. A dense attention layer uses the same object and
+fills k, v.
 """
 
 from __future__ import annotations
@@ -76,17 +78,27 @@ class StepState:
         return self.layer.k[:, :length], self.layer.v[:, :length]
 
 
-def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: bool = False) -> list[torch.Tensor]:
     """For each (ring, new) of `pairs`, the entries at absolute positions pos [B, K] of a sequence whose tokens
     before past [B] lie in `ring` [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new`
     [B, C, ...]; the rings share R and the news share C, so the indices are computed once. Positions outside
-    both give an arbitrary entry (callers mask them)."""
+    both give an arbitrary entry (callers mask them). in_place (pos [B, R]: the ring's next contents) writes the
+    result into the ring itself, whose storage then never changes, as a replayed CUDA graph needs."""
     R, C = pairs[0][0].shape[1], pairs[0][1].shape[1]
     batch = torch.arange(pos.shape[0], device=pos.device)[:, None]
     rel = pos - past[:, None].long()
     at_new, at_ring, keep = rel.clamp(0, C - 1), pos.clamp_min(0) % R, rel >= 0
-    return [torch.where(keep.view(*keep.shape, *([1] * (new.dim() - 2))), new[batch, at_new], ring[batch, at_ring])
-            for ring, new in pairs]
+    out = []
+    for ring, new in pairs:
+        # ring[batch, at_ring] is a copy, so writing into the ring afterwards reads nothing it overwrote.
+        picked = (keep.view(*keep.shape, *([1] * (new.dim() - 2))), new[batch, at_new], ring[batch, at_ring])
+        if not in_place:
+            out.append(torch.where(*picked))
+        elif torch.is_grad_enabled() and (new.requires_grad or ring.requires_grad):
+            out.append(ring.copy_(torch.where(*picked)))  # out= records no gradient; copy_ does
+        else:
+            out.append(torch.where(*picked, out=ring))
+    return out
 
 
 def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
@@ -138,7 +150,8 @@ class NSACache:
         return self.lengths[layer_idx] if layer_idx < len(self.lengths) else 0
 
     def seqlens(self, layer_idx: int = 0) -> torch.Tensor | None:
-        """int32 [B] (device): each sequence's length in the layer, or None before its first update."""
+        """int32 [B] (device): each sequence's length in the layer, or None before its first update (the cache's
+        own tensor, which every later update overwrites in place)."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         return None if layer is None else layer.seqlens
 
@@ -219,7 +232,8 @@ class NSACache:
             table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
             if need > self.capacity:
                 self._grow(layer, need, sparsity)
-        past = layer.seqlens
+        # seqlens is updated in place at the end (its storage, like every cache tensor's, stays put between steps).
+        past = layer.seqlens.clone()
         end = past + (C if lengths is None else lengths.to(torch.int32))
         P = layer.k.shape[1]
         pos = past[:, None].long() + torch.arange(C, device=k.device)
@@ -231,7 +245,7 @@ class NSACache:
             self._compress(layer, state, past, end, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
             if k_win is not None:
                 state.k_win, state.v_win = self._window(layer, past, end, k_win, v_win, C, sparsity)
-        layer.seqlens = end
+        layer.seqlens.copy_(end)
         self.lengths[layer_idx] = need
         return state
 
@@ -245,7 +259,8 @@ class NSACache:
         i = first[:, None] + torch.arange(nb, device=k_raw.device)
         done = i * d + l <= end[:, None]
         token = (i * d)[:, :, None] + torch.arange(l, device=k_raw.device)
-        tails = ((layer.k_tail, k_raw), (layer.v_tail, v_raw), (layer.pos_tail, position_ids))
+        tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)),
+                 (layer.pos_tail, position_ids.long()))
         blocks = gather_positions(tails, past, token.flatten(1))
         starts = torch.arange(nb, device=k_raw.device) * l
         k_cmp, v_cmp = compress(*blocks, starts)
@@ -255,8 +270,7 @@ class NSACache:
         layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target.flatten(), k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
         layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target.flatten(), v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp
-        tail = ring_positions(end, l)
-        layer.k_tail, layer.v_tail, layer.pos_tail = gather_positions(tails, past, tail)
+        gather_positions(tails, past, ring_positions(end, l), in_place=True)
 
     def _window(self, layer, past, end, k_win, v_win, C, cfg: SparsityConfig):
         """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
@@ -266,8 +280,8 @@ class NSACache:
             at = ring_positions(end, size)
             step = tuple(gather_positions(((layer.k_win, k_win), (layer.v_win, v_win)), past, at))
         at = ring_positions(end, layer.k_win.shape[1])
-        layer.k_win, layer.v_win = gather_positions(((layer.k_win, k_win.to(layer.k_win.dtype)),
-                                                     (layer.v_win, v_win.to(layer.v_win.dtype))), past, at)
+        gather_positions(((layer.k_win, k_win.to(layer.k_win.dtype)), (layer.v_win, v_win.to(layer.v_win.dtype))),
+                         past, at, in_place=True)
         return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -161,6 +161,28 @@ def test_paged_and_contiguous_caches_agree(share_win_kv):
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("share_win_kv", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_decode_steps_keep_the_cache_storage(share_win_kv, paged, grad):
+    """After the first update of a pre-sized or paged cache, decode steps write every tensor in place (rings,
+    compressed tokens, lengths), with or without autograd recording: what a CUDA graph replaying a step reads and
+    writes stays where it was captured."""
+    m = make(share_win_kv)
+    x = torch.randn(2, 60, 48, dtype=torch.float64)
+    cache = paged_cache(2) if paged else NSACache(capacity=128)
+    with torch.set_grad_enabled(grad):
+        outs = [m(x[:, :21], cache=cache)]
+        layer = cache.layers[1]
+        storage = {name: t.data_ptr() for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+        assert {"k_tail", "pos_tail", "seqlens", "k_cmp"} <= storage.keys()
+        assert ("k_win" in storage) != share_win_kv
+        for t in range(21, 60):
+            outs.append(m(x[:, t:t + 1], cache=cache))
+            assert {name: getattr(layer, name).data_ptr() for name in storage} == storage
+    torch.testing.assert_close(torch.cat(outs, dim=1), m(x), rtol=1e-10, atol=1e-12)
+
+
 def test_paged_cache_refuses_to_overflow():
     m = make()
     cache = paged_cache(1, page=16, pages_per_seq=2)
