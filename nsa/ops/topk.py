@@ -31,7 +31,7 @@ from ..config import SparsityConfig
 from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split
 from .compressed import FWD_BLOCK_M, group_program, group_rows, group_tiling
 
-# Compressed tokens per tile of the scoring product: 31 blocks of the paper's knobs per tile.
+# Compressed token slots per tile of the scoring product: 32 blocks of the paper's knobs (4 tokens each) per tile.
 BLOCK_N = 128
 
 

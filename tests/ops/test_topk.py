@@ -66,12 +66,13 @@ def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
 
 # (lengths, batch, HQ, HKV, DK, cfg, block_n): selections with more candidates than slots, T < l, a batch of
 # 2, varlen with an empty sequence, G from 1 to 16, l'/d not a power of two, no forced block, l = l', DK split
-# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. block_n = 32
-# or 16 makes tiles of 8 or 4 blocks of the paper's knobs (2 where l'/d = 6 pads to 8), so that the running top-n
-# merges several tiles and carries the spill of each tile's last block into the next (the default 128 covers
-# the whole of most tiny sequences).
+# in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. A tile holds at
+# least next_power_of_2(n) blocks (the tile's top-k) and block_n / next_power_of_2(l'/d) of them: the paper's knobs
+# make tiles of 16 blocks at block_n = 32, n = 2 makes 8, SMALL makes 4 at block_n = 16, so that the running top-n
+# merges several tiles and carries the spill of each tile's last block into the next (the default 128 makes tiles of
+# 32 blocks, the whole of most tiny sequences).
 CASES = [
-    pytest.param([800], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-8-block-tiles"),
+    pytest.param([1100], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-16-block-tiles"),
     pytest.param([700], None, 2, 1, 192, SparsityConfig(), 128, id="paper-knobs-DK192-32-block-tiles"),
     pytest.param([20], None, 3, 1, 16, SparsityConfig(), 128, id="T-below-l-G3"),
     pytest.param(None, (2, 150), 2, 2, 16, SMALL, 16, id="batch2-G1"),
