@@ -6,15 +6,17 @@ all with grids fixed by the cache's capacity and every length read on the device
 host synchronisation and can be captured in a CUDA graph:
 
 1. cmp_split: split-K over the compressed tokens (flash-decoding). Program (sequence, KV group, query tile,
-   chunk) holds the G heads of its queries as rows and streams the chunk's CH = JC * l'/d compressed tokens once,
-   keeping the partial softmax (max m, sum l, unnormalised acc) and the chunk's unnormalised block scores
-   bs[h, j] = sum_i exp(s_hi - m_h) ov(i, j) / d over the JC selection blocks it covers plus the next one (its last
-   tokens reach into it: l <= l').
-2. select: per (sequence, KV group, query), the global lse of each head from the chunks' (m, l); then per chunk
-   S[j] = sum_h bs[h, j] * exp(m_h - lse_h) (SPEC 3), the overhang into the next chunk's first block carried over,
-   merged into a running top-n (SPEC 4; skipped when no key of the chunk beats the current n-th).
-3. slc_win_split: split over the selected blocks (a few per program) and over window tiles; partial softmaxes.
-4. combine: merges the partial softmaxes of each branch and applies the gates (SPEC 7).
+   chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
+   TB selection blocks (BLOCK_N token slots), keeping the partial softmax (max m, sum l, unnormalised acc). Each
+   tile also leaves a record: its blocks' scores sum_i exp2(s_hi - m_h) ov(i, j) / d folded on the CUDA cores
+   (topk.fold_blocks), what its last block spills into the next tile, and the running max m_h they are
+   relative to.
+2. select: per (sequence, KV group, query) and span of blocks, the global lse of each head from the chunks'
+   (m, l); then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3), merged
+   into a running top KP (SPEC 4) as in topk.py; each program writes its KP best keys.
+3. slc_win_split: merges the select programs' keys into the top n (and writes the selection), then splits the
+   selected blocks (a few per program) and the window tiles over programs; partial softmaxes.
+4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
 (a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
@@ -24,20 +26,26 @@ are contiguous per sequence [B, Tc_cap, HKV, D]. The window K/V are either the r
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import LOG2E, dot_precision, interpreting, largest, online_softmax, padded_dim, softmax_step
+from .common import LOG2E, dot_precision, largest, online_softmax, padded_dim, softmax_step
+from .topk import fold_blocks
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
 NUM_SMS = 132
-# Compressed tokens per tile of the cmp_split loop; keys per tile of the selected and window branches.
+# Compressed token slots per tile of the cmp_split loop; keys per tile of the selected and window branches.
 BLOCK_N = 64
 BLOCK_S = 64
+# Blocks per step of a select program, and at most this many select programs per query.
+SELECT_BLOCKS = 128
+SELECT_PROGRAMS = 16
+# Splits merged per step where partial softmaxes combine.
+SPLIT_T = 16
 
 
 @triton.jit
@@ -53,18 +61,20 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 
 @triton.jit
 def cmp_split_kernel(
-    q, k_cmp, v_cmp, cache_seqlens, m_out, l_out, acc_out, bs_out, qk_scale, HKV, C, CMP_CAP, NSPLIT,
+    q, k_cmp, v_cmp, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out, qk_scale, HKV, C, CMP_CAP,
+    NSPLIT, NB_CAP, NT_CAP,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, JC: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, FOLD_PREC: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     chunk = tl.program_id(2)
     HQ = HKV * G
-    r = tl.arange(0, QT * G_PAD)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    ROWS: tl.constexpr = QT * G_PAD
+    r = tl.arange(0, ROWS)
     qi = tl.program_id(1) * QT + r // G_PAD
     g = r % G_PAD
     row_ok = (qi < C) & (g < G)
@@ -72,115 +82,119 @@ def cmp_split_kernel(
     t = past + qi
     end = past + C
     num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
-    CH: tl.constexpr = JC * (SLC_BLOCK // CMP_STRIDE)
-    i0 = chunk * CH
 
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     q_offs = ((b * C + qi).to(tl.int64) * HQ + kvh * G + g)[:, None] * DK + dk[None, :]
     q_tile = tl.load(q + q_offs, mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    jj = tl.arange(0, 2 * JC)
-    j = chunk * JC + jj
+    # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
+    n = tl.arange(0, TB * R_PAD)
+    k = n % R_PAD
+    jj = tl.arange(0, TB)
+    rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)
+    st = qi < C
 
-    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([QT * G_PAD], tl.float32)
-    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
-    bs = tl.zeros([QT * G_PAD, 2 * JC], tl.float32)
-    for n0 in range(0, tl.minimum(CH, num_cmp - i0), BLOCK_N):
-        i = i0 + n0 + tl.arange(0, BLOCK_N)
-        in_chunk = (i < num_cmp) & (i < i0 + CH)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    tile0 = chunk * TILES
+    for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
+        i = (tile * TB + n // R_PAD) * R + k
+        in_seq = (k < R) & (i < num_cmp)
         kv_row = (b.to(tl.int64) * CMP_CAP + i) * HKV + kvh
-        k = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_chunk[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_chunk[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * qk_scale
+        kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
+        vt = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
+        s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
         # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
-        visible = row_ok[:, None] & in_chunk[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
+        visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, v, PRECISION)
-        # SPEC 3's fold by ov(i, j) / d, on the probabilities still relative to this chunk's running max.
-        lo = tl.maximum(i[:, None] * CMP_STRIDE, j[None, :] * SLC_BLOCK)
-        hi = tl.minimum(i[:, None] * CMP_STRIDE + CMP_BLOCK, (j[None, :] + 1) * SLC_BLOCK)
-        ov = tl.where((jj <= JC)[None, :], tl.maximum(hi - lo, 0), 0).to(tl.float32) / CMP_STRIDE
-        bs = bs * alpha[:, None] + tl.dot(p, ov, input_precision=FOLD_PREC)
+        acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
+        # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
+        score, spill = fold_blocks(tl.reshape(p, [ROWS, TB, R_PAD]), R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+        tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
+        tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
+        tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
 
     # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
     srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g
-    st = qi < C
     tl.store(m_out + srow, m_i, mask=st)
     tl.store(l_out + srow, l_i, mask=st)
     tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
-    tl.store(bs_out + srow[:, None] * (2 * JC) + jj[None, :], bs, mask=st[:, None])
 
 
 @triton.jit
 def select_kernel(
-    m_in, l_in, bs_in, cache_seqlens, idx, HKV, C, NSPLIT,
-    G: tl.constexpr, G_PAD: tl.constexpr, JC: tl.constexpr, KP: tl.constexpr, NUM_SELECTED: tl.constexpr,
-    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    m_in, l_in, rec, spill_in, mt, cache_seqlens, keys_out, HKV, C, NSPLIT, NB_CAP, NT_CAP, SPAN, NSEL,
+    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
+    KP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
-    kvh = bh % HKV
     qi = tl.program_id(1)
-    t = tl.load(cache_seqlens + b) + qi
+    sp = tl.program_id(2)
+    past = tl.load(cache_seqlens + b)
+    t = past + qi
+    num_cmp = tl.maximum((past + C - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     g = tl.arange(0, G_PAD)
     head_ok = g < G
 
     # The global log-sum-exp (base 2) of every head over all chunks.
     m_g = tl.full([G_PAD], float("-inf"), tl.float32)
     l_g = tl.zeros([G_PAD], tl.float32)
-    for c in range(0, NSPLIT):
-        row = (bh.to(tl.int64) * NSPLIT + c) * (C * G_PAD) + qi * G_PAD + g
-        m_c = tl.load(m_in + row, mask=head_ok, other=float("-inf"))
-        l_c = tl.load(l_in + row, mask=head_ok, other=0.0)
-        m_new = tl.maximum(m_g, m_c)
+    for c0 in range(0, NSPLIT, SPLIT_T):
+        c = c0 + tl.arange(0, SPLIT_T)
+        row = (bh.to(tl.int64) * NSPLIT + c)[:, None] * (C * G_PAD) + qi * G_PAD + g[None, :]
+        ok = (c < NSPLIT)[:, None] & head_ok[None, :]
+        m_c = tl.load(m_in + row, mask=ok, other=float("-inf"))
+        l_c = tl.load(l_in + row, mask=ok, other=0.0)
+        m_new = tl.maximum(m_g, tl.max(m_c, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_g = l_g * tl.exp2(m_g - shift) + l_c * tl.exp2(m_c - shift)
+        l_g = l_g * tl.exp2(m_g - shift) + tl.sum(l_c * tl.exp2(m_c - shift[None, :]), 0)
         m_g = m_new
     # A head that sees no compressed token gets lse = +inf: all its weights are 0 (SPEC 2: p = 0).
-    lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))
+    lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))[:, None]
 
-    # Top-n keys as in topk.py: the float32 score's bits high, 2^31 - 1 - j low; forced blocks +inf, others -1.
+    # SPEC 3: S[j] = sum over heads of each tile's record scaled by exp2(m_tile - lse), plus the previous tile's
+    # spill into its first block. Top-n keys and their running merge as in topk.py.
+    rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)[:, None]
     jt = t // SLC_BLOCK
-    jj = tl.arange(0, 2 * JC)
-    col = tl.arange(0, 2 * JC)[None, :]
-    best = tl.full([1, 2 * JC], -1, tl.int64)
-    kth = tl.full([], -1, tl.int64)
-    carry = tl.zeros([], tl.float32)
-    for c in range(0, jt // JC + 1):
-        row = (bh.to(tl.int64) * NSPLIT + c) * (C * G_PAD) + qi * G_PAD + g
-        m_c = tl.load(m_in + row, mask=head_ok, other=float("-inf"))
-        weight = tl.where(head_ok, tl.exp2(m_c - lse2), 0.0)
-        part = tl.load(bs_in + row[:, None] * (2 * JC) + jj[None, :], mask=head_ok[:, None], other=0.0)
-        score = tl.sum(part * weight[:, None], 0) + tl.where(jj == 0, carry, 0.0)
-        carry = tl.sum(tl.where(jj == JC, score, 0.0))
-        j = c * JC + jj
-        candidate = (jj < JC) & (j * SLC_BLOCK <= t)
+    jj = tl.arange(0, SB)
+    slot = tl.arange(0, KP)[None, :]
+    best = tl.full([1, KP], -1, tl.int64)
+    bar = tl.full([], -1, tl.int64)
+    for j0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, jt + 1), SB):
+        j = j0 + jj
+        tile = j // TB
+        have = head_ok[:, None] & ((j <= jt) & (tile * TB * R < num_cmp))[None, :]
+        part = tl.load(rec + rec_row * NB_CAP + j[None, :], mask=have, other=0.0)
+        m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :], mask=have, other=float("-inf"))
+        score = tl.sum(part * tl.exp2(m_t - lse2), 0)
+        if CMP_BLOCK > CMP_STRIDE:
+            enter = have & ((j % TB == 0) & (j > 0))[None, :]
+            part = tl.load(spill_in + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=0.0)
+            m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=float("-inf"))
+            score += tl.sum(part * tl.exp2(m_t - lse2), 0)
+        candidate = j * SLC_BLOCK <= t
         forced = (j < NUM_INIT) | ((j <= jt) & (j > jt - NUM_LOCAL))
         bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
         bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
         key = tl.where(candidate, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)[None, :]
-        # Most chunks hold no block that beats the current n-th best: skip their merge.
-        if tl.max(tl.max(key, 1), 0) > kth:
-            best = largest(tl.reshape(tl.join(best, key), [1, 4 * JC]), NUM_SELECTED, 2 * JC, -1)
-            kth = tl.max(tl.max(tl.where(col == NUM_SELECTED - 1, best, -1), 1), 0)
-
-    # Ascending block order: the largest -j first; -1 after the last chosen block.
-    neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
-    chosen = -largest(neg_j, NUM_SELECTED, 2 * JC, -0x7FFFFFFF)
-    chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
-    out = ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + col
-    tl.store(idx + out, chosen, mask=col < NUM_SELECTED)
+        if tl.max(tl.max(key, 1), 0) > bar:
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
+            bar = tl.max(tl.max(tl.where(slot == NUM_SELECTED - 1, best, -1), 1), 0)
+    tl.store(keys_out + ((bh * C + qi) * NSEL + sp).to(tl.int64) * KP + slot, best)
 
 
 @triton.jit
 def slc_win_split_kernel(
-    q, k, v, k_win, v_win, block_table, win_table, cache_seqlens, idx, m_out, l_out, acc_out, qk_scale,
-    HKV, C, MAX_PAGES, WIN_MAX_PAGES, NSW,
+    q, k, v, k_win, v_win, block_table, win_table, cache_seqlens, keys, idx, m_out, l_out, acc_out, qk_scale,
+    HKV, C, MAX_PAGES, WIN_MAX_PAGES, NSW, NSEL,
     G: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr, WIN_PAGE: tl.constexpr,
     NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BPS: tl.constexpr,
-    NSLC: tl.constexpr, WT: tl.constexpr, PRECISION: tl.constexpr,
+    NSLC: tl.constexpr, WT: tl.constexpr, KP: tl.constexpr, NSEL_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -201,11 +215,23 @@ def slc_win_split_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     if sp < NSLC:
+        # SPEC 4: the top n of the select programs' top KP keys (descending), block j in each key's low word.
+        col = tl.arange(0, NSEL_PAD * KP)[None, :]
+        part = tl.load(keys + ((bh * C + qi) * NSEL).to(tl.int64) * KP + col, mask=col < NSEL * KP, other=-1)
+        best = tl.topk(part, KP)
+        slot = tl.arange(0, KP)[None, :]
+        best = tl.where(slot < NUM_SELECTED, best, -1)
+        if sp == 0:
+            # The selection for the caller: ascending block order (the largest -j first), -1 after the last.
+            neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
+            chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
+            chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
+            tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot, chosen,
+                     mask=slot < NUM_SELECTED)
         # SPEC 5: the keys s <= t of this program's share of the selected blocks.
-        for slot in tl.static_range(BPS):
-            n_slot = sp * BPS + slot
-            j = tl.load(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + n_slot,
-                        mask=n_slot < NUM_SELECTED, other=-1)
+        for n_slot in tl.static_range(BPS):
+            key = tl.max(tl.max(tl.where(slot == sp * BPS + n_slot, best, -1), 1), 0)
+            j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
             if j >= 0:
                 for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                     s = j * SLC_BLOCK + s0 + ks
@@ -234,51 +260,53 @@ def slc_win_split_kernel(
 
 
 @triton.jit
-def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, rows, mask, dv, DV: tl.constexpr):
-    """o [rows, DV] of the softmax whose partial (m, l, acc) lie at row0 + split * split_stride + rows for the
-    splits first .. last - 1; 0 where no split saw a key."""
-    m = tl.full(rows.shape, float("-inf"), tl.float32)
-    l = tl.zeros(rows.shape, tl.float32)
-    acc = tl.zeros([rows.shape[0], dv.shape[0]], tl.float32)
-    for sp in range(first, last):
-        row = row0 + sp * split_stride + rows
-        m_s = tl.load(m_in + row, mask=mask, other=float("-inf"))
-        l_s = tl.load(l_in + row, mask=mask, other=0.0)
-        acc_s = tl.load(acc_in + row[:, None] * DV + dv[None, :], mask=mask[:, None] & (dv < DV)[None, :], other=0.0)
-        m_new = tl.maximum(m, m_s)
+def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl.constexpr, SPLIT_T: tl.constexpr):
+    """o [DV] of the softmax whose partial (m, l, acc) lie at row0 + split * split_stride for the splits
+    first .. last - 1, SPLIT_T at a time; 0 where no split saw a key."""
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], tl.float32)
+    acc = tl.zeros([dv.shape[0]], tl.float32)
+    for s0 in range(first, last, SPLIT_T):
+        sp = s0 + tl.arange(0, SPLIT_T)
+        ok = sp < last
+        row = row0 + sp.to(tl.int64) * split_stride
+        m_s = tl.load(m_in + row, mask=ok, other=float("-inf"))
+        l_s = tl.load(l_in + row, mask=ok, other=0.0)
+        acc_s = tl.load(acc_in + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha, beta = tl.exp2(m - shift), tl.exp2(m_s - shift)
-        l = l * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        l = l * alpha + tl.sum(l_s * beta, 0)
+        acc = acc * alpha + tl.sum(acc_s * beta[:, None], 0)
         m = m_new
-    return acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    return acc / tl.where(l == 0.0, 1.0, l)
 
 
 @triton.jit
 def combine_kernel(
     cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, NSPLIT, NSW,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NSLC: tl.constexpr,
+    NSLC: tl.constexpr, SPLIT_T: tl.constexpr,
 ):
+    # One program per query head: (sequence, KV group, query) and the head g of the group.
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     qi = tl.program_id(1)
-    g = tl.arange(0, G_PAD)
-    head_ok = g < G
+    g = tl.program_id(2)
     dv = tl.arange(0, BLOCK_DV)
-    o_cmp = merge_splits(cmp_m, cmp_l, cmp_acc, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD) + qi * G_PAD,
-                         C * G_PAD, g, head_ok, dv, DV)
-    row0 = (bh.to(tl.int64) * C + qi) * NSW * ROWS
-    o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, row0, ROWS, g, head_ok, dv, DV)
-    o_win = merge_splits(sw_m, sw_l, sw_acc, NSLC, NSW, row0, ROWS, g, head_ok, dv, DV)
+    o_cmp = merge_splits(cmp_m, cmp_l, cmp_acc, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD) + qi * G_PAD + g,
+                         C * G_PAD, dv, DV, SPLIT_T)
+    row0 = (bh.to(tl.int64) * C + qi) * NSW * ROWS + g
+    o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, row0, ROWS, dv, DV, SPLIT_T)
+    o_win = merge_splits(sw_m, sw_l, sw_acc, NSLC, NSW, row0, ROWS, dv, DV, SPLIT_T)
     # SPEC 7, in the epilogue: no separate elementwise passes over the branch outputs.
     head = (b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g
-    g_cmp = tl.load(gates + head * 3, mask=head_ok, other=0.0).to(tl.float32)
-    g_slc = tl.load(gates + head * 3 + 1, mask=head_ok, other=0.0).to(tl.float32)
-    g_win = tl.load(gates + head * 3 + 2, mask=head_ok, other=0.0).to(tl.float32)
-    out = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
-    tl.store(o + head[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty), mask=head_ok[:, None] & (dv < DV)[None, :])
+    g_cmp = tl.load(gates + head * 3).to(tl.float32)
+    g_slc = tl.load(gates + head * 3 + 1).to(tl.float32)
+    g_win = tl.load(gates + head * 3 + 2).to(tl.float32)
+    out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
+    tl.store(o + head * DV + dv, out.to(o.dtype.element_ty), mask=dv < DV)
 
 
 def _check(name, x, shape, meaning):
@@ -297,17 +325,38 @@ def _pages(name, table, pool_name, pool, batch):
     return table, table.shape[1], pool.shape[1]
 
 
-def split_plan(batch_heads: int, slc_capacity: int, num_selected: int, window: int, cfg: SparsityConfig):
-    """(JC, BPS, WT): selection blocks per compressed chunk, selected blocks per program, window keys per program.
+class SplitPlan(NamedTuple):
+    """How nsa_decode spreads a step over programs; chosen from the capacity (not the lengths) so that shapes
+    stay static."""
 
-    Chosen from the capacity (not the lengths) so that shapes stay static; about two programs per SM."""
+    r_pad: int  # the l'/d compressed tokens starting in a selection block, padded to a power of two
+    tb: int  # selection blocks per tile of cmp_split (BLOCK_N token slots)
+    jc: int  # selection blocks per compressed chunk (a multiple of tb)
+    nsplit: int  # compressed chunks
+    kp: int  # keys each select program keeps: next_power_of_2(n)
+    sb: int  # blocks per step of a select program
+    span: int  # blocks per select program (a multiple of sb)
+    nsel: int  # select programs per query
+    bps: int  # selected blocks per program of slc_win_split
+    wt: int  # window keys per program of slc_win_split
+
+
+def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
+    """About two programs per SM for the compressed chunks and the selected and window tiles; at most
+    SELECT_PROGRAMS select programs per query, each keeping its top KP keys for slc_win_split to merge."""
     target = 2 * NUM_SMS
+    r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
+    tb = max(1, BLOCK_N // r_pad)
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
-    jc = min(max(jc, 16, triton.next_power_of_2(num_selected)), 128)
-    few = batch_heads * (num_selected + window // BLOCK_S) < target
-    bps = 1 if few else 2
-    wt = BLOCK_S if few else 2 * BLOCK_S
-    return jc, bps, wt
+    jc = min(max(jc, 16, tb), max(128, tb))
+    kp = max(2, triton.next_power_of_2(cfg.num_selected))
+    sb = max(SELECT_BLOCKS, kp)
+    steps = -(-slc_capacity // sb)
+    nsel = min(SELECT_PROGRAMS, steps)
+    span = sb * -(-steps // nsel)
+    few = batch_heads * (cfg.num_selected + cfg.window // BLOCK_S) < target
+    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), kp, sb, span, -(-steps // (span // sb)),
+                     1 if few else 2, BLOCK_S if few else 2 * BLOCK_S)
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -364,45 +413,48 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     G_PAD = triton.next_power_of_2(G)
     QT = min(triton.next_power_of_2(C), max(1, 64 // G_PAD))
     QT = max(QT, 16 // min(G_PAD, 16))
-    ns_cap = -(-max_pages * page // cfg.slc_block)
-    JC, BPS, WT = split_plan(B * HKV * C, ns_cap, n, cfg.window, cfg)
-    nsplit = -(-ns_cap // JC)
+    plan = split_plan(B * HKV * C, -(-max_pages * page // cfg.slc_block), cfg)
+    nb_cap, nt_cap = plan.nsplit * plan.jc, plan.nsplit * plan.jc // plan.tb
     rows = C * G_PAD
     f32 = dict(dtype=torch.float32, device=dev)
-    cmp_m = torch.empty(B * HKV, nsplit, rows, **f32)
-    cmp_l = torch.empty(B * HKV, nsplit, rows, **f32)
-    cmp_acc = torch.empty(B * HKV, nsplit, rows, DV, **f32)
-    bs = torch.empty(B * HKV, nsplit, rows, 2 * JC, **f32)
+    cmp_m = torch.empty(B * HKV, plan.nsplit, rows, **f32)
+    cmp_l = torch.empty(B * HKV, plan.nsplit, rows, **f32)
+    cmp_acc = torch.empty(B * HKV, plan.nsplit, rows, DV, **f32)
+    # Each tile's block scores, its spill into the next tile and the running max they are relative to.
+    rec = torch.empty(B * HKV, rows, nb_cap, **f32)
+    spill = torch.empty(B * HKV, rows, nt_cap, **f32)
+    mt = torch.empty(B * HKV, rows, nt_cap, **f32)
     qk_scale = scale * LOG2E
-    cmp_split_kernel[(B * HKV, triton.cdiv(C, QT), nsplit)](
-        q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, bs, qk_scale, HKV, C, k_cmp.shape[1], nsplit,
-        G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, JC=JC,
-        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, PRECISION=precision,
-        # Three tf32 passes keep the fold at float32 accuracy on tensor cores: near-ties stay resolved.
-        FOLD_PREC="ieee" if interpreting() else "tf32x3", num_warps=4,
+    cmp_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit)](
+        q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, qk_scale, HKV, C, k_cmp.shape[1],
+        plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
+        SLC_BLOCK=cfg.slc_block, PRECISION=precision, num_warps=4,
     )
-    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
-    select_kernel[(B * HKV, C)](
-        cmp_m, cmp_l, bs, cache_seqlens, idx, HKV, C, nsplit, G=G, G_PAD=G_PAD, JC=JC,
-        KP=max(16, triton.next_power_of_2(n)), NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
+    keys = torch.empty(B * HKV, C, plan.nsel, plan.kp, dtype=torch.int64, device=dev)
+    select_kernel[(B * HKV, C, plan.nsel)](
+        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, keys, HKV, C, plan.nsplit, nb_cap, nt_cap, plan.span,
+        plan.nsel, G=G, G_PAD=G_PAD, SPLIT_T=SPLIT_T, SB=plan.sb, TB=plan.tb, KP=plan.kp, NUM_SELECTED=n,
+        NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
         SLC_BLOCK=cfg.slc_block, num_warps=4,
     )
+    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
     ROWS = max(16, G_PAD)
-    nslc = -(-n // BPS)
-    nsw = nslc + -(-cfg.window // WT)
+    nslc = -(-n // plan.bps)
+    nsw = nslc + -(-cfg.window // plan.wt)
     sw_m = torch.empty(B * HKV, C, nsw, ROWS, **f32)
     sw_l = torch.empty(B * HKV, C, nsw, ROWS, **f32)
     sw_acc = torch.empty(B * HKV, C, nsw, ROWS, DV, **f32)
     slc_win_split_kernel[(B * HKV, C, nsw)](
-        q, k, v, k_win, v_win, table, win_table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale,
-        HKV, C, max_pages, win_max_pages, nsw, G=G, ROWS=ROWS, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, WIN_PAGE=win_page,
-        NUM_SELECTED=n, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, BPS=BPS, NSLC=nslc, WT=WT,
-        PRECISION=precision, num_warps=4,
+        q, k, v, k_win, v_win, table, win_table, cache_seqlens, keys, idx, sw_m, sw_l, sw_acc, qk_scale,
+        HKV, C, max_pages, win_max_pages, nsw, plan.nsel, G=G, ROWS=ROWS, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
+        BLOCK_DV=BLOCK_DV, BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page,
+        WIN_PAGE=win_page, NUM_SELECTED=n, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, BPS=plan.bps, NSLC=nslc,
+        WT=plan.wt, KP=plan.kp, NSEL_PAD=triton.next_power_of_2(plan.nsel), PRECISION=precision, num_warps=4,
     )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
-    combine_kernel[(B * HKV, C)](
-        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, nsplit, nsw, G=G, G_PAD=G_PAD, ROWS=ROWS,
-        DV=DV, BLOCK_DV=BLOCK_DV, NSLC=nslc, num_warps=4,
+    combine_kernel[(B * HKV, C, G)](
+        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, plan.nsplit, nsw, G=G, G_PAD=G_PAD, ROWS=ROWS,
+        DV=DV, BLOCK_DV=BLOCK_DV, NSLC=nslc, SPLIT_T=SPLIT_T, num_warps=4,
     )
     return (o, idx) if return_indices else o

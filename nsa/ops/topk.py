@@ -35,6 +35,31 @@ from .compressed import FWD_BLOCK_M, group_program, group_rows, group_tiling
 BLOCK_N = 128
 
 
+@triton.jit
+def fold_blocks(p, R: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr):
+    """SPEC 3's fold of compressed-token weights into selection-block scores, on the CUDA cores in float32.
+
+    p [M, BJ, R_PAD]: row m's weight of token k of block j of a tile (the R = l'/d tokens starting in the block,
+    padded to a power of two). Token k overlaps its own block by w0[k] * d and the next by w1[k] * d (l <= l', so
+    no token reaches further). Returns (score [M, BJ]: each block's own tokens plus what the previous block of the
+    tile spills into it; spill [M]: what the tile's last block spills into the block after the tile)."""
+    BJ: tl.constexpr = p.shape[1]
+    R_PAD: tl.constexpr = p.shape[2]
+    k = tl.arange(0, R_PAD)
+    w0 = tl.where(k < R, tl.minimum(k * CMP_STRIDE + CMP_BLOCK, SLC_BLOCK) - k * CMP_STRIDE, 0) / CMP_STRIDE
+    score = tl.sum(p * w0[None, None, :], 2)
+    if CMP_BLOCK > CMP_STRIDE:
+        w1 = tl.where(k < R, tl.maximum(k * CMP_STRIDE + CMP_BLOCK - SLC_BLOCK, 0), 0) / CMP_STRIDE
+        spills = tl.sum(p * w1[None, None, :], 2)
+        jj = tl.arange(0, BJ)
+        prev = tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], (p.shape[0], BJ))
+        score += tl.where(jj[None, :] == 0, 0.0, tl.gather(spills, prev, 1))
+        spill = tl.sum(tl.where(jj[None, :] == BJ - 1, spills, 0.0), 1)
+    else:
+        spill = tl.zeros([p.shape[0]], tl.float32)
+    return score, spill
+
+
 def _configs():
     return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
@@ -54,7 +79,6 @@ def select_blocks_kernel(
         return
     HQ = HKV * G
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    SPILL: tl.constexpr = CMP_BLOCK > CMP_STRIDE
     t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
     qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
     # Padded heads and queries past the end get lse = +inf: probability 0, so they add nothing to the scores.
@@ -67,14 +91,9 @@ def select_blocks_kernel(
     # The top-n set, sorted descending: empty slots hold -1, below every candidate.
     best = tl.full([BLOCK_T, KP], -1, tl.int64)
     bar = tl.full([BLOCK_T], -1, tl.int64)
-    # Token k of a block: its place in the tile's columns, and its overlaps / d with its own and the next block.
+    # Token k of a block: its place in the tile's columns.
     n = tl.arange(0, BJ * R_PAD)
     k = n % R_PAD
-    w0 = tl.where(k < R, tl.minimum(k * CMP_STRIDE + CMP_BLOCK, SLC_BLOCK) - k * CMP_STRIDE, 0) / CMP_STRIDE
-    w1 = tl.where(k < R, tl.maximum(k * CMP_STRIDE + CMP_BLOCK - SLC_BLOCK, 0), 0) / CMP_STRIDE
-    w0 = tl.reshape(w0, [BJ, R_PAD])
-    w1 = tl.reshape(w1, [BJ, R_PAD])
-    prev = tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], (BLOCK_T, BJ))
     spill = tl.zeros([BLOCK_T], tl.float32)
     # Blocks up to the last query's own block; queries past the end of the sequence are never stored.
     for j0 in range(0, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
@@ -85,14 +104,11 @@ def select_blocks_kernel(
         visible = in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
 
-        # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first, then
-        # each block's own tokens plus what the previous block's tokens spill into it.
+        # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first.
         p = tl.reshape(tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BJ * R_PAD]), 1), [BLOCK_T, BJ, R_PAD])
-        score = tl.sum(p * w0[None, :, :], 2)
-        if SPILL:
-            spills = tl.sum(p * w1[None, :, :], 2)
-            score += tl.where(jj[None, :] == 0, spill[:, None], tl.gather(spills, prev, 1))
-            spill = tl.sum(tl.where(jj[None, :] == BJ - 1, spills, 0.0), 1)
+        score, spill_out = fold_blocks(p, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+        score += tl.where(jj[None, :] == 0, spill[:, None], 0.0)
+        spill = spill_out
         j = j0 + jj
 
         # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.

@@ -8,6 +8,7 @@ import torch
 
 from nsa import reference
 from nsa.config import SparsityConfig
+from nsa.ops import decode
 from nsa.ops.decode import nsa_decode
 from tests.inputs import DEVICE
 from tests.tolerance import assert_same_selection, assert_within_rule
@@ -126,6 +127,30 @@ def test_decode_equals_reference_at_the_new_positions(case, dtype):
     # Outputs under the kernel's selection (identical to the reference's up to ties).
     oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
     low = reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=idx)[0]
+    assert_within_rule("o", o, low, oracle, 2)
+
+
+MANY_ROWS = (SMALL, [600, 577, 512, 449, 390, 333, 260, 129], 4, 4, 2, 16, 16, 640, "ring")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], MANY_ROWS],
+                         ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}-B{len(c[1])}")
+def test_small_tiles_and_many_select_programs(case, monkeypatch):
+    """Tiles of 16 token slots (several per compressed chunk, so spills cross tiles inside a chunk and between
+    chunks), select programs of a few 8-block steps each (merged by slc_win_split), and partial softmaxes
+    merged two splits at a time."""
+    monkeypatch.setattr(decode, "BLOCK_N", 16)
+    monkeypatch.setattr(decode, "SELECT_BLOCKS", 8)
+    monkeypatch.setattr(decode, "SELECT_PROGRAMS", 2)
+    monkeypatch.setattr(decode, "SPLIT_T", 2)
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity, layout = case
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32, "ring" in layout)
+    scale = DK ** -0.5
+    o, idx = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, scale, layout, capacity)
+    _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
+    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg)
+    oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
+    low = reference_rows(full, lengths, C, cfg, torch.float32, scale, block_indices=idx)[0]
     assert_within_rule("o", o, low, oracle, 2)
 
 
