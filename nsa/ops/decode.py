@@ -13,7 +13,7 @@ host synchronisation and can be captured in a CUDA graph:
    relative to.
 2. select: per (sequence, KV group, query) and span of blocks, the global lse of each head from the chunks'
    (m, l); then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3), merged
-   into a running top KP (SPEC 4) as in topk.py; each program writes its KP best keys.
+   into a running top n (SPEC 4; keys as in topk.py); each program writes its n best keys (KP slots).
 3. slc_win_split: merges the select programs' keys into the top n (and writes the selection), then splits the
    selected blocks (a few per program) and the window tiles over programs; partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
@@ -161,8 +161,8 @@ def select_kernel(
     rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)[:, None]
     jt = t // SLC_BLOCK
     jj = tl.arange(0, SB)
-    slot = tl.arange(0, KP)[None, :]
-    best = tl.full([1, KP], -1, tl.int64)
+    col = tl.arange(0, SB)[None, :]
+    best = tl.full([1, SB], -1, tl.int64)
     bar = tl.full([], -1, tl.int64)
     for j0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, jt + 1), SB):
         j = j0 + jj
@@ -181,10 +181,11 @@ def select_kernel(
         bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
         bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
         key = tl.where(candidate, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)[None, :]
+        # Most steps hold no block that beats the current n-th best: skip their merge.
         if tl.max(tl.max(key, 1), 0) > bar:
-            best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
-            bar = tl.max(tl.max(tl.where(slot == NUM_SELECTED - 1, best, -1), 1), 0)
-    tl.store(keys_out + ((bh * C + qi) * NSEL + sp).to(tl.int64) * KP + slot, best)
+            best = largest(tl.reshape(tl.join(best, key), [1, 2 * SB]), NUM_SELECTED, SB, -1)
+            bar = tl.max(tl.max(tl.where(col == NUM_SELECTED - 1, best, -1), 1), 0)
+    tl.store(keys_out + ((bh * C + qi) * NSEL + sp).to(tl.int64) * KP + col, best, mask=col < KP)
 
 
 @triton.jit
@@ -218,9 +219,8 @@ def slc_win_split_kernel(
         # SPEC 4: the top n of the select programs' top KP keys (descending), block j in each key's low word.
         col = tl.arange(0, NSEL_PAD * KP)[None, :]
         part = tl.load(keys + ((bh * C + qi) * NSEL).to(tl.int64) * KP + col, mask=col < NSEL * KP, other=-1)
-        best = tl.topk(part, KP)
+        best = largest(part, NUM_SELECTED, KP, -1)
         slot = tl.arange(0, KP)[None, :]
-        best = tl.where(slot < NUM_SELECTED, best, -1)
         if sp == 0:
             # The selection for the caller: ascending block order (the largest -j first), -1 after the last.
             neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
