@@ -1,7 +1,7 @@
 """NSA of a few new query tokens per sequence against a cache (decoding, speculative decoding, chunked prefill).
 
 Query c of sequence b sits at position t = cache_seqlens[b] + c (FlashAttention's flash_attn_with_kvcache
-convention: cache_seqlens counts the tokens before this step's C, whose keys are already written). Five kernels,
+convention: cache_seqlens counts the tokens before this step's C, whose keys are already written). Four kernels,
 all with grids fixed by the cache's capacity and every length read on the device, so that a decode step has no
 host synchronisation and can be captured in a CUDA graph:
 
@@ -14,10 +14,9 @@ host synchronisation and can be captured in a CUDA graph:
 2. select: per (sequence, KV group, query) and span of blocks, the global lse of each head from the chunks'
    (m, l); then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3), merged
    into a running top n (SPEC 4; keys as in topk.py); each program writes its n best keys (KP slots).
-3. pick: merges the select programs' keys into the top n, in ascending block order.
-4. slc_win_split: splits the selected blocks (a few per program) and the window tiles over programs; partial
-   softmaxes.
-5. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
+3. slc_win_split: merges the select programs' keys into the top n (and writes the selection), then splits the
+   selected blocks (a few per program) and the window tiles over programs; partial softmaxes.
+4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
 (a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
@@ -190,32 +189,13 @@ def select_kernel(
 
 
 @triton.jit
-def pick_kernel(keys, idx, HKV, NSEL, KP: tl.constexpr, NSEL_PAD: tl.constexpr, NUM_SELECTED: tl.constexpr):
-    """SPEC 4's top n of a query from the select programs' keys, in ascending block order, -1 after the last."""
-    bh = tl.program_id(0)
-    b = bh // HKV
-    kvh = bh % HKV
-    qi = tl.program_id(1)
-    C = tl.num_programs(1)
-    col = tl.arange(0, NSEL_PAD * KP)[None, :]
-    part = tl.load(keys + ((bh * C + qi) * NSEL).to(tl.int64) * KP + col, mask=col < NSEL * KP, other=-1)
-    best = largest(part, NUM_SELECTED, KP, -1)
-    # Ascending block order: the largest -j first.
-    neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
-    chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
-    chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
-    slot = tl.arange(0, KP)[None, :]
-    tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot, chosen, mask=slot < NUM_SELECTED)
-
-
-@triton.jit
 def slc_win_split_kernel(
-    q, k, v, k_win, v_win, block_table, win_table, cache_seqlens, idx, m_out, l_out, acc_out, qk_scale,
-    HKV, C, MAX_PAGES, WIN_MAX_PAGES, NSW,
+    q, k, v, k_win, v_win, block_table, win_table, cache_seqlens, keys, idx, m_out, l_out, acc_out, qk_scale,
+    HKV, C, MAX_PAGES, WIN_MAX_PAGES, NSW, NSEL,
     G: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr, WIN_PAGE: tl.constexpr,
     NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BPS: tl.constexpr,
-    NSLC: tl.constexpr, WT: tl.constexpr, PRECISION: tl.constexpr,
+    NSLC: tl.constexpr, WT: tl.constexpr, KP: tl.constexpr, NSEL_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -236,11 +216,22 @@ def slc_win_split_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     if sp < NSLC:
+        # SPEC 4: the top n of the select programs' top KP keys (descending), block j in each key's low word.
+        col = tl.arange(0, NSEL_PAD * KP)[None, :]
+        part = tl.load(keys + ((bh * C + qi) * NSEL).to(tl.int64) * KP + col, mask=col < NSEL * KP, other=-1)
+        best = largest(part, NUM_SELECTED, KP, -1)
+        slot = tl.arange(0, KP)[None, :]
+        if sp == 0:
+            # The selection for the caller: ascending block order (the largest -j first), -1 after the last.
+            neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
+            chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
+            chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
+            tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot, chosen,
+                     mask=slot < NUM_SELECTED)
         # SPEC 5: the keys s <= t of this program's share of the selected blocks.
-        for slot in tl.static_range(BPS):
-            n_slot = sp * BPS + slot
-            j = tl.load(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + n_slot,
-                        mask=n_slot < NUM_SELECTED, other=-1)
+        for n_slot in tl.static_range(BPS):
+            key = tl.max(tl.max(tl.where(slot == sp * BPS + n_slot, best, -1), 1), 0)
+            j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
             if j >= 0:
                 for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                     s = j * SLC_BLOCK + s0 + ks
@@ -352,7 +343,7 @@ class SplitPlan(NamedTuple):
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
     """About two programs per SM for the compressed chunks and the selected and window tiles; at most
-    SELECT_PROGRAMS select programs per query, each keeping its top KP keys for pick_kernel to merge."""
+    SELECT_PROGRAMS select programs per query, each keeping its top KP keys for slc_win_split to merge."""
     target = 2 * NUM_SMS
     r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
     tb = max(1, BLOCK_N // r_pad)
@@ -448,8 +439,6 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         SLC_BLOCK=cfg.slc_block, num_warps=4,
     )
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
-    pick_kernel[(B * HKV, C)](keys, idx, HKV, plan.nsel, KP=plan.kp, NSEL_PAD=triton.next_power_of_2(plan.nsel),
-                              NUM_SELECTED=n, num_warps=4)
     ROWS = max(16, G_PAD)
     nslc = -(-n // plan.bps)
     nsw = nslc + -(-cfg.window // plan.wt)
@@ -457,11 +446,11 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     sw_l = torch.empty(B * HKV, C, nsw, ROWS, **f32)
     sw_acc = torch.empty(B * HKV, C, nsw, ROWS, DV, **f32)
     slc_win_split_kernel[(B * HKV, C, nsw)](
-        q, k, v, k_win, v_win, table, win_table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale,
-        HKV, C, max_pages, win_max_pages, nsw, G=G, ROWS=ROWS, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
+        q, k, v, k_win, v_win, table, win_table, cache_seqlens, keys, idx, sw_m, sw_l, sw_acc, qk_scale,
+        HKV, C, max_pages, win_max_pages, nsw, plan.nsel, G=G, ROWS=ROWS, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
         BLOCK_DV=BLOCK_DV, BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page,
         WIN_PAGE=win_page, NUM_SELECTED=n, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, BPS=plan.bps, NSLC=nslc,
-        WT=plan.wt, PRECISION=precision, num_warps=4,
+        WT=plan.wt, KP=plan.kp, NSEL_PAD=triton.next_power_of_2(plan.nsel), PRECISION=precision, num_warps=4,
     )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
     combine_kernel[(B * HKV, C, G)](
