@@ -46,6 +46,8 @@ SELECT_BLOCKS = 128
 SELECT_PROGRAMS = 16
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
+# New queries per sequence in one pass of the kernels; longer chunks go in parts.
+MAX_QUERIES = 256
 
 
 @triton.jit
@@ -377,10 +379,12 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         return_indices: also return idx [B, C, HKV, n] int32, the selected blocks (ascending, -1 after).
     Returns:
         o [B, C, HQ, DV] in q's dtype, or (o, idx). No host synchronisation; shapes depend only on the
-        arguments' shapes.
+        arguments' shapes. The kernels' float32 work buffers (partial softmaxes, each tile's block scores) grow
+        with B * HKV * min(C, MAX_QUERIES) * G and with the capacity in blocks, S_cap / l'.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
+    caches = dict(k_win=k_win, v_win=v_win, block_table=block_table, win_block_table=win_block_table)
     B, C, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     if HKV < 1 or HQ % HKV:
@@ -403,6 +407,14 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
             raise ValueError(f"the window ring k_win must hold window + C - 1 = {cfg.window + C - 1} tokens, "
                              f"got {k_win.shape[1]}")
     scale = DK ** -0.5 if scale is None else scale
+    if C > MAX_QUERIES:
+        # A long chunk (a prefill in chunks) goes MAX_QUERIES queries at a time: the split buffers grow with the
+        # queries times the capacity. The later queries' keys are already in the cache, where causality hides them.
+        parts = [nsa_decode(q[:, c0:c0 + MAX_QUERIES], gates[:, c0:c0 + MAX_QUERIES], k, v, k_cmp, v_cmp,
+                            cache_seqlens + c0, cfg, scale, return_indices=True, **caches)
+                 for c0 in range(0, C, MAX_QUERIES)]
+        o, idx = torch.cat([o for o, _ in parts], 1), torch.cat([idx for _, idx in parts], 1)
+        return (o, idx) if return_indices else o
     dev = q.device
     q, gates = q.contiguous(), gates.contiguous()
     k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()

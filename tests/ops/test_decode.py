@@ -154,6 +154,19 @@ def test_small_tiles_and_many_select_programs(case, monkeypatch):
     assert_within_rule("o", o, low, oracle, 2)
 
 
+@pytest.mark.parametrize("layout", ["ring", "paged_ring"])
+def test_long_chunks_go_in_parts(layout, monkeypatch):
+    """A chunk longer than MAX_QUERIES runs in parts (here 3 + 3 + 3 of 9 queries): the same selection and
+    outputs as one pass."""
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [300, 61], 9, 4, 2, 16, 16, 320
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32)
+    whole = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, layout, capacity)
+    monkeypatch.setattr(decode, "MAX_QUERIES", 3)
+    parts = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, layout, capacity)
+    assert torch.equal(parts[1], whole[1])
+    torch.testing.assert_close(parts[0], whole[0], rtol=1e-5, atol=1e-5)
+
+
 def test_layouts_agree_exactly():
     cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [300, 61], 2, 4, 2, 16, 16, 320
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32, separate_win=False)
