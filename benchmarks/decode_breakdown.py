@@ -1,6 +1,8 @@
 """Time each decode kernel (nsa/ops/decode.py) on its own, beside the whole step and SDPA's dense decode step.
 
 python3 benchmarks/decode_breakdown.py --config paper --cases 16x8k,16x128k,1x128k --out FILE.json
+python3 benchmarks/decode_breakdown.py --plot FILE.json  (FILE.png: per case, stacked kernel times of each section of
+    FILE, e.g. the "before" and "after" of results/2026-12-01/decode_kernels.json, beside SDPA's step)
 The step and SDPA are replayed from CUDA graphs (do_bench median); each kernel's device time comes from the
 profiler over eager calls. The same inputs every call, so L2 may hold part of them at short contexts: `nsa bench`
 (which rotates its inputs) gives the figures to quote.
@@ -54,12 +56,56 @@ def case(config, B: int, T: int, calls: int = 20) -> dict:
     return dict(B=B, T=T, nsa_ms=ms, sdpa_ms=ms_dense, kernels_ms=dict(kernels))
 
 
+def plot(path: str) -> str:
+    """Stacked bars of each kernel's time per case, one bar per section of the JSON (sections holding "rows"),
+    with SDPA's decode step marked; written beside the JSON as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        doc = json.load(f)
+    sections = {name: part["rows"] for name, part in doc.items() if isinstance(part, dict) and "rows" in part}
+    cases = list(dict.fromkeys((r["B"], r["T"]) for rows in sections.values() for r in rows))
+    kernels = list(dict.fromkeys(k for rows in sections.values() for r in rows for k in r["kernels_ms"]))
+    colors = dict(zip(kernels, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(1.6 * len(cases) * len(sections), 4.5))
+    width = 0.8 / len(sections)
+    for s, (name, rows) in enumerate(sections.items()):
+        by_case = {(r["B"], r["T"]): r for r in rows}
+        for c, key in enumerate(cases):
+            if key not in by_case:
+                continue
+            x, bottom = c + (s - (len(sections) - 1) / 2) * width, 0.0
+            for kernel in kernels:
+                t = by_case[key]["kernels_ms"].get(kernel, 0.0)
+                ax.bar(x, t, width * 0.9, bottom=bottom, color=colors[kernel],
+                       label=kernel.removesuffix("_kernel") if c == 0 and s == 0 else None)
+                bottom += t
+            ax.text(x, bottom, name, ha="center", va="bottom", fontsize=7, rotation=90)
+            ax.plot([x - width / 2, x + width / 2], [by_case[key]["sdpa_ms"]] * 2, color="black", lw=2,
+                    label="SDPA decode step" if c == 0 and s == 0 else None)
+    ax.set_xticks(range(len(cases)), [f"B={b}, {t // 1024}k" for b, t in cases])
+    ax.set_ylabel("ms (kernel device time)")
+    ax.set_title("NSA decode step by kernel")
+    ax.legend(fontsize=8)
+    out = path.removesuffix(".json") + ".png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--plot", metavar="JSON", help="plot a breakdown JSON instead of timing")
     parser.add_argument("--config", default="paper")
     parser.add_argument("--cases", default="16x8k,16x32k,16x64k,16x128k,1x32k,1x128k", help="BxT, comma-separated")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
     config = {c.name: c for c in FULL_CONFIGS}[args.config]
     rows = []
     for item in args.cases.split(","):
