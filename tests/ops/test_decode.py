@@ -191,9 +191,10 @@ PAPER = SparsityConfig()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at the paper's shapes and CUDA graphs need a GPU")
-@pytest.mark.parametrize("lengths", [[8192], [65536, 4099, 777, 40000], [131072]])
-def test_paper_shapes_bf16_on_gpu(lengths):
-    C, HQ, HKV, DK, DV = 1, 64, 4, 192, 128
+@pytest.mark.parametrize("lengths, C", [([8192], 1), ([65536, 4099, 777, 40000], 1), ([131072], 1),
+                                        ([8192, 3001], 4)])
+def test_paper_shapes_bf16_on_gpu(lengths, C):
+    HQ, HKV, DK, DV = 64, 4, 192, 128
     capacity = max(lengths)
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, capacity, torch.bfloat16)
     scale = DK ** -0.5
