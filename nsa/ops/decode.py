@@ -102,7 +102,8 @@ def cmp_split_kernel(
     tile0 = chunk * TILES
     for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
         i = (tile * TB + n // R_PAD) * R + k
-        in_seq = (k < R) & (i < num_cmp)
+        # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
+        in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
         kv_row = (b.to(tl.int64) * CMP_CAP + i) * HKV + kvh
         kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
         vt = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
@@ -169,7 +170,7 @@ def select_kernel(
     for j0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, jt + 1), SB):
         j = j0 + jj
         tile = j // TB
-        have = head_ok[:, None] & ((j <= jt) & (tile * TB * R < num_cmp))[None, :]
+        have = head_ok[:, None] & ((j <= jt) & (j < NB_CAP) & (tile * TB * R < num_cmp))[None, :]
         part = tl.load(rec + rec_row * NB_CAP + j[None, :], mask=have, other=0.0)
         m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :], mask=have, other=float("-inf"))
         score = tl.sum(part * tl.exp2(m_t - lse2), 0)
