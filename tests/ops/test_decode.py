@@ -115,19 +115,25 @@ def assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg, rtol=1e-
         assert_same_selection(full_idx, full_ref, full_scores, cfg, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}")
-def test_decode_equals_reference_at_the_new_positions(case, dtype):
+def assert_decode_equals_reference(case, dtype, rtol=1e-4):
+    """The decode of a CASES-like case in `dtype` selects as the float64 reference does (tie-aware, scores within
+    rtol) and, under its own selection, meets the tolerance rule against the reference in float64 and in `dtype`."""
     cfg, lengths, C, HQ, HKV, DK, DV, capacity, layout = case
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, dtype, "ring" in layout)
     scale = DK ** -0.5
     o, idx = run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capacity)
     _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
-    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg)
+    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg, rtol=rtol)
     # Outputs under the kernel's selection (identical to the reference's up to ties).
     oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
     low = reference_rows(full, lengths, C, cfg, dtype, scale, block_indices=idx)[0]
     assert_within_rule("o", o, low, oracle, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}")
+def test_decode_equals_reference_at_the_new_positions(case, dtype):
+    assert_decode_equals_reference(case, dtype)
 
 
 MANY_ROWS = (SMALL, [600, 577, 512, 449, 390, 333, 260, 129], 4, 4, 2, 16, 16, 640, "ring")
@@ -143,15 +149,7 @@ def test_small_tiles_and_many_select_programs(case, monkeypatch):
     monkeypatch.setattr(decode, "SELECT_BLOCKS", 8)
     monkeypatch.setattr(decode, "SELECT_PROGRAMS", 2)
     monkeypatch.setattr(decode, "SPLIT_T", 2)
-    cfg, lengths, C, HQ, HKV, DK, DV, capacity, layout = case
-    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32, "ring" in layout)
-    scale = DK ** -0.5
-    o, idx = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, scale, layout, capacity)
-    _, idx_ref, scores = reference_rows(full, lengths, C, cfg, torch.float64, scale)
-    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, cfg)
-    oracle = reference_rows(full, lengths, C, cfg, torch.float64, scale, block_indices=idx)[0]
-    low = reference_rows(full, lengths, C, cfg, torch.float32, scale, block_indices=idx)[0]
-    assert_within_rule("o", o, low, oracle, 2)
+    assert_decode_equals_reference(case, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["ring", "paged_ring"])
@@ -194,16 +192,8 @@ PAPER = SparsityConfig()
 @pytest.mark.parametrize("lengths, C", [([8192], 1), ([65536, 4099, 777, 40000], 1), ([131072], 1),
                                         ([8192, 3001], 4)])
 def test_paper_shapes_bf16_on_gpu(lengths, C):
-    HQ, HKV, DK, DV = 64, 4, 192, 128
-    capacity = max(lengths)
-    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, PAPER, capacity, torch.bfloat16)
-    scale = DK ** -0.5
-    o, idx = run_decode(full, past, q, gates, lengths, C, PAPER, torch.bfloat16, scale, "ring", capacity)
-    _, idx_ref, scores = reference_rows(full, lengths, C, PAPER, torch.float64, scale)
-    assert_new_rows_select_alike(idx, idx_ref, scores, lengths, C, PAPER, rtol=1e-3)
-    oracle = reference_rows(full, lengths, C, PAPER, torch.float64, scale, block_indices=idx)[0]
-    low = reference_rows(full, lengths, C, PAPER, torch.bfloat16, scale, block_indices=idx)[0]
-    assert_within_rule("o", o, low, oracle, 2)
+    assert_decode_equals_reference((PAPER, lengths, C, 64, 4, 192, 128, max(lengths), "ring"), torch.bfloat16,
+                                   rtol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
