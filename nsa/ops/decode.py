@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ..config import SparsityConfig
 from .common import LOG2E, dot_precision, largest, online_softmax, padded_dim, softmax_step
-from .topk import fold_blocks
+from .topk import ascending_blocks, fold_blocks, selection_keys
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
 NUM_SMS = 132
@@ -164,7 +164,7 @@ def select_kernel(
     rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)[:, None]
     jt = t // SLC_BLOCK
     jj = tl.arange(0, SB)
-    col = tl.arange(0, SB)[None, :]
+    col = jj[None, :]
     best = tl.full([1, SB], -1, tl.int64)
     bar = tl.full([], -1, tl.int64)
     for j0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, jt + 1), SB):
@@ -179,11 +179,7 @@ def select_kernel(
             part = tl.load(spill_in + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=0.0)
             m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=float("-inf"))
             score += tl.sum(part * tl.exp2(m_t - lse2), 0)
-        candidate = j * SLC_BLOCK <= t
-        forced = (j < NUM_INIT) | ((j <= jt) & (j > jt - NUM_LOCAL))
-        bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
-        bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
-        key = tl.where(candidate, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)[None, :]
+        key = selection_keys(score, j, jt, j * SLC_BLOCK <= t, NUM_INIT, NUM_LOCAL)[None, :]
         # Most steps hold no block that beats the current n-th best: skip their merge.
         if tl.max(tl.max(key, 1), 0) > bar:
             best = largest(tl.reshape(tl.join(best, key), [1, 2 * SB]), NUM_SELECTED, SB, -1)
@@ -225,12 +221,9 @@ def slc_win_split_kernel(
         best = largest(part, NUM_SELECTED, KP, -1)
         slot = tl.arange(0, KP)[None, :]
         if sp == 0:
-            # The selection for the caller: ascending block order (the largest -j first), -1 after the last.
-            neg_j = tl.where(best >= 0, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
-            chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
-            chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
-            tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot, chosen,
-                     mask=slot < NUM_SELECTED)
+            # The selection for the caller.
+            tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot,
+                     ascending_blocks(best, NUM_SELECTED), mask=slot < NUM_SELECTED)
         # SPEC 5: the keys s <= t of this program's share of the selected blocks.
         for n_slot in tl.static_range(BPS):
             key = tl.max(tl.max(tl.where(slot == sp * BPS + n_slot, best, -1), 1), 0)

@@ -60,6 +60,30 @@ def fold_blocks(p, R: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.cons
     return score, spill
 
 
+@triton.jit
+def selection_keys(score, j, jt, candidate, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """SPEC 4's int64 top-n keys of blocks j (score, j, jt and candidate broadcast together): the float32 score's
+    bits high, 2^31 - 1 - j low; the forced blocks (the first NUM_INIT, the NUM_LOCAL ending at block jt) +inf's
+    bits; -1 where a block is no candidate."""
+    forced = (j < NUM_INIT) | ((j <= jt) & (j > jt - NUM_LOCAL))
+    # A score that rounds to -0.0 would read as a negative key: zero it.
+    bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
+    bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
+    return tl.where(candidate, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
+
+
+@triton.jit
+def ascending_blocks(best, NUM_SELECTED: tl.constexpr):
+    """int32 [rows, KP]: the blocks of the first NUM_SELECTED keys of best [rows, KP] (descending, -1 when empty)
+    in ascending order, -1 after the last."""
+    KP: tl.constexpr = best.shape[1]
+    slot = tl.arange(0, KP)[None, :]
+    # The largest -j first.
+    neg_j = tl.where((best >= 0) & (slot < NUM_SELECTED), (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
+    chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
+    return tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
+
+
 def _configs():
     return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
@@ -113,22 +137,13 @@ def select_blocks_kernel(
 
         # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
         candidate = j[None, :] * SLC_BLOCK <= tq[:, None]
-        forced = (j[None, :] < NUM_INIT) | ((j[None, :] <= jt[:, None]) & (j[None, :] > jt[:, None] - NUM_LOCAL))
-        # A score that rounds to -0.0 would read as a negative key: zero it.
-        bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
-        bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
-        key = (bits << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64)
-        key = tl.where(candidate, key, -1)
+        key = selection_keys(score, j[None, :], jt[:, None], candidate, NUM_INIT, NUM_LOCAL)
 
         if tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)) > 0:
             best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
             bar = tl.sum(tl.where(slot[None, :] == NUM_SELECTED - 1, best, 0), 1)
 
-    # Order the chosen blocks by j: the largest -j first.
-    chosen_slot = (best >= 0) & (slot[None, :] < NUM_SELECTED)
-    neg_j = tl.where(chosen_slot, (best & 0x7FFFFFFF) - 0x7FFFFFFF, -0x7FFFFFFF)
-    chosen = -largest(neg_j, NUM_SELECTED, KP, -0x7FFFFFFF)
-    chosen = tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
+    chosen = ascending_blocks(best, NUM_SELECTED)
     offs = (tok0 + tq).to(tl.int64)[:, None] * (HKV * NUM_SELECTED) + kvh * NUM_SELECTED + slot[None, :]
     tl.store(idx + offs, chosen, mask=(tq < seq_len)[:, None] & (slot < NUM_SELECTED)[None, :])
 
