@@ -19,16 +19,14 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from nsa.bench.configs import FULL_CONFIGS
+from nsa.bench.impls import cuda_graphed
 from nsa.ops.decode import nsa_decode
 
 
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return lambda: graph.replay()
+def graphed(fn, *args):
+    """fn(*args) replayed from a CUDA graph (the bench's capture, as `nsa bench` times decode steps)."""
+    replay, _ = cuda_graphed(fn, [args])
+    return lambda: replay(*args)
 
 
 def case(config, B: int, T: int, calls: int = 20) -> dict:
@@ -40,19 +38,19 @@ def case(config, B: int, T: int, calls: int = 20) -> dict:
     q, gates = rnd(B, 1, HQ, DK), torch.rand(B, 1, HQ, 3, device="cuda", dtype=torch.bfloat16)
     k, v, k_cmp, v_cmp = rnd(B, T, HKV, DK), rnd(B, T, HKV, DV), rnd(B, tc, HKV, DK), rnd(B, tc, HKV, DV)
     past = torch.full((B,), T - 1, dtype=torch.int32, device="cuda")
-    step = lambda: nsa_decode(q, gates, k, v, k_cmp, v_cmp, past, cfg, DK ** -0.5)  # noqa: E731
-    ms = triton.testing.do_bench(graphed(step), warmup=50, rep=300, return_mode="median")
+    step = lambda q: nsa_decode(q, gates, k, v, k_cmp, v_cmp, past, cfg, DK ** -0.5)  # noqa: E731
+    ms = triton.testing.do_bench(graphed(step, q), warmup=50, rep=300, return_mode="median")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            step()
+            step(q)
         torch.cuda.synchronize()
     kernels = collections.defaultdict(float)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.name.endswith("_kernel"):
             kernels[event.name] += event.device_time / calls / 1000
     qs, ks, vs = rnd(B, HQ, 1, DK), rnd(B, HKV, T, DK), rnd(B, HKV, T, DV)
-    dense = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)  # noqa: E731
-    ms_dense = triton.testing.do_bench(graphed(dense), warmup=50, rep=300, return_mode="median")
+    dense = graphed(lambda qs: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), qs)
+    ms_dense = triton.testing.do_bench(dense, warmup=50, rep=300, return_mode="median")
     return dict(B=B, T=T, nsa_ms=ms, sdpa_ms=ms_dense, kernels_ms=dict(kernels))
 
 
