@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..config import SparsityConfig
 from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split
-from .compressed import FWD_BLOCK_M, group_program, group_rows, group_tiling
+from .compressed import FWD_BLOCK_M, group_program, group_rows, group_tiling, num_visible
 
 # Compressed token slots per tile of the scoring product: 32 blocks of the paper's knobs (4 tokens each) per tile.
 BLOCK_N = 128
@@ -84,6 +84,57 @@ def ascending_blocks(best, NUM_SELECTED: tl.constexpr):
     return tl.where(chosen == 0x7FFFFFFF, -1, chosen).to(tl.int32)
 
 
+@triton.jit
+def _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK: tl.constexpr,
+               BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BJ: tl.constexpr, R_PAD: tl.constexpr,
+               NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+               SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """The top-n keys [BLOCK_T, BJ] of blocks j0 .. j0 + BJ for the program's queries, and the spill of the
+    tile's last block into the next tile. Without MASKED every row sees every token of the tile."""
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    BLOCK_T: tl.constexpr = tq.shape[0]
+    # Token k of a block: its place in the tile's columns.
+    n = tl.arange(0, BJ * R_PAD)
+    k = n % R_PAD
+    i = (j0 + n // R_PAD) * R + k
+    if MASKED:
+        in_seq = (k < R) & (i < num_cmp)
+    else:
+        in_seq = k < R
+    ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
+    s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
+    if MASKED:
+        visible = in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    elif R == R_PAD:
+        p = tl.exp2(s - lse2[:, None])
+    else:
+        # Padding slots hold the next block's tokens, which a row may not see: their score may exceed its lse.
+        p = tl.where(in_seq[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+
+    # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first.
+    G_PAD: tl.constexpr = qa.shape[0] // BLOCK_T
+    p = tl.reshape(tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BJ * R_PAD]), 1), [BLOCK_T, BJ, R_PAD])
+    score, spill_out = fold_blocks(p, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+    jj = tl.arange(0, BJ)
+    score += tl.where(jj[None, :] == 0, spill[:, None], 0.0)
+    j = j0 + jj
+    # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
+    candidate = j[None, :] * SLC_BLOCK <= tq[:, None]
+    return selection_keys(score, j[None, :], jt[:, None], candidate, NUM_INIT, NUM_LOCAL), spill_out
+
+
+@triton.jit
+def _merge_keys(best, bar, key, NUM_SELECTED: tl.constexpr):
+    """The running top-n best [BLOCK_T, KP] (descending) and its bar (the n-th key) with a tile's keys merged
+    in; a tile with no key above its rows' bars is skipped."""
+    if tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)) > 0:
+        KP: tl.constexpr = best.shape[1]
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
+        bar = tl.sum(tl.where(tl.arange(0, KP)[None, :] == NUM_SELECTED - 1, best, 0), 1)
+    return best, bar
+
+
 def _configs():
     return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
@@ -110,38 +161,25 @@ def select_blocks_kernel(
 
     tq = t0 + tl.arange(0, BLOCK_T)
     jt = tq // SLC_BLOCK
-    jj = tl.arange(0, BJ)
     slot = tl.arange(0, KP)
     # The top-n set, sorted descending: empty slots hold -1, below every candidate.
     best = tl.full([BLOCK_T, KP], -1, tl.int64)
     bar = tl.full([BLOCK_T], -1, tl.int64)
-    # Token k of a block: its place in the tile's columns.
-    n = tl.arange(0, BJ * R_PAD)
-    k = n % R_PAD
     spill = tl.zeros([BLOCK_T], tl.float32)
-    # Blocks up to the last query's own block; queries past the end of the sequence are never stored.
-    for j0 in range(0, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
-        i = (j0 + n // R_PAD) * R + k
-        in_seq = (k < R) & (i < num_cmp)
-        ka, kb = load_split(k_cmp, cmp0 + i, kvh, HKV, in_seq, DK, BLOCK_DK, BLOCK_DK2)
-        s = dot_split(qa, qb, ka, kb, BLOCK_DK2, DOT_PREC) * scale2
-        visible = in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-
-        # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first.
-        p = tl.reshape(tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BJ * R_PAD]), 1), [BLOCK_T, BJ, R_PAD])
-        score, spill_out = fold_blocks(p, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
-        score += tl.where(jj[None, :] == 0, spill[:, None], 0.0)
-        spill = spill_out
-        j = j0 + jj
-
-        # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
-        candidate = j[None, :] * SLC_BLOCK <= tq[:, None]
-        key = selection_keys(score, j[None, :], jt[:, None], candidate, NUM_INIT, NUM_LOCAL)
-
-        if tl.max(tl.sum((key > bar[:, None]).to(tl.int32), 1)) > 0:
-            best = tl.bitonic_merge(tl.maximum(best, tl.flip(tl.topk(key, KP), 1)), descending=True)
-            bar = tl.sum(tl.where(slot[None, :] == NUM_SELECTED - 1, best, 0), 1)
+    # Tiles whose tokens the first query already sees (hence every row, and all inside the sequence) need no
+    # mask; past them the staircase cuts. Blocks run up to the last query's own block; queries past the end of
+    # the sequence are never stored.
+    j_full = tl.maximum(num_visible(t0 + 1, CMP_BLOCK, CMP_STRIDE), 0) // R // BJ * BJ
+    for j0 in range(0, j_full, BJ):
+        key, spill = _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK,
+                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, NUM_INIT, NUM_LOCAL, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK,
+                                DOT_PREC, False)
+        best, bar = _merge_keys(best, bar, key, NUM_SELECTED)
+    for j0 in range(j_full, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
+        key, spill = _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK,
+                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, NUM_INIT, NUM_LOCAL, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK,
+                                DOT_PREC, True)
+        best, bar = _merge_keys(best, bar, key, NUM_SELECTED)
 
     chosen = ascending_blocks(best, NUM_SELECTED)
     offs = (tok0 + tq).to(tl.int64)[:, None] * (HKV * NUM_SELECTED) + kvh * NUM_SELECTED + slot[None, :]
