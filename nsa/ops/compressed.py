@@ -36,9 +36,9 @@ from .common import (
     zeros_split,
 )
 
-# Rows (queries x heads of a group) per program: the M side of every product. The forward passes (cmp_fwd and
-# the selection) read each compressed tile for twice the rows of the backward's programs: at 64k in the paper's
-# configuration on the H200, cmp_fwd 15.0 -> 12.2 ms and the selection 22.7 -> 15.5 ms against BLOCK_M = 64.
+# Rows (queries x heads of a group) per program: the M side of every product. The forward reads each compressed
+# tile for twice the rows of the backward's programs: at 64k in the paper's configuration on the H200, cmp_fwd
+# 15.0 -> 12.2 ms against BLOCK_M = 64 (the selection has its own rows, topk.BLOCK_M).
 BLOCK_M = 64
 FWD_BLOCK_M = 128
 # The dk/dv backward cuts the queries that see a key tile into at most DKDV_CHUNKS chunks of at least
@@ -97,8 +97,10 @@ def _tile_configs(gpu: list[tuple[int, int, int]]) -> list[triton.Config]:
     return autotune_configs([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in gpu])
 
 
-# The forward's accumulators are [64, BLOCK_DV] fp32 and its scores [64, BLOCK_N]: 128-token tiles fit 8 warps.
-_FWD_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+# The forward's accumulators are [BLOCK_M, BLOCK_DV] fp32 and its scores [BLOCK_M, BLOCK_N]: 128-token tiles fit
+# 8 warps. Fewer stages leave shared memory for a second program per SM.
+_FWD_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 2),
+                (32, 8, 2), (64, 4, 1), (64, 8, 2)]
 # dk/dv hold [BLOCK_N, DK + DV] fp32 accumulators (80 KB at 64 tokens and 192 + 128): 64-token tiles want 8 warps.
 _DKDV_CONFIGS = [(32, 4, 1), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
 _DQ_CONFIGS = [(32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 1), (64, 8, 2)]

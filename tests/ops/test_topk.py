@@ -69,8 +69,8 @@ def assert_same_selection(idx, ref_idx, S, packed, cfg, rtol=1e-5):
 # in two parts (48 = 32 + 16, 192 = 128 + 64), tiles with more candidates than slots, l = d = l'. A tile holds at
 # least next_power_of_2(n) blocks (the tile's top-k) and block_n / next_power_of_2(l'/d) of them: the paper's knobs
 # make tiles of 16 blocks at block_n = 32, n = 2 makes 8, SMALL makes 4 at block_n = 16, so that the running top-n
-# merges several tiles and carries the spill of each tile's last block into the next (the default 128 makes tiles of
-# 32 blocks, the whole of most tiny sequences).
+# merges several tiles and carries the spill of each tile's last block into the next (the default 64 makes tiles of
+# 16 blocks, the whole of most tiny sequences).
 CASES = [
     pytest.param([1100], None, 4, 2, 16, SparsityConfig(), 32, id="paper-knobs-G2-16-block-tiles"),
     pytest.param([700], None, 2, 1, 192, SparsityConfig(), 128, id="paper-knobs-DK192-32-block-tiles"),
