@@ -8,7 +8,8 @@ scale * q.k_cmp into the compressed branch's probabilities with cmp_fwd's lse, s
 sum into block scores on the CUDA cores in float32: SPEC 3's overlap ov(i, j) / d of token k of block m is w0[k]
 with block m and w1[k] = (k*d + l - l')^+ / d with block m + 1 (l <= l', so no token reaches further). The spill
 into the next block moves one block along (the last block's spill is carried into the next tile), and the tile
-merges into a running top-n kept in registers.
+merges into a running top-n kept in registers. Tiles whose tokens the program's first query already sees skip the
+staircase mask (every later query sees them too).
 
 The running top-n is kept sorted in descending order, KP = next_power_of_2(n) >= 2 keys per query (the n-th is the
 bar to enter). A tile whose keys all stay under their rows' bars is skipped; otherwise its own top KP (Triton's
