@@ -60,10 +60,6 @@ _CHUNK_CONFIGS = [
     triton.Config({}, num_warps=4, num_stages=3),
     triton.Config({}, num_warps=8, num_stages=2),
     triton.Config({}, num_warps=2, num_stages=3),
-    # One stage: no prefetch, but a program's K/V tile (40 KB at DK 192, DV 128) leaves room for more programs per SM.
-    triton.Config({}, num_warps=4, num_stages=1),
-    triton.Config({}, num_warps=2, num_stages=1),
-    triton.Config({}, num_warps=2, num_stages=2),
 ]
 
 

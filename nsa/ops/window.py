@@ -91,8 +91,6 @@ def _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK: tl.constexpr, DV:
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
     ]),
     key=["DK", "DV"],
 )
