@@ -20,7 +20,8 @@ tail and the window ring (when the window has its own K/V).
 Every update writes with device-side indices (no host synchronisation) and in place (after a layer's first update
 no step moves any of its tensors, unless a contiguous cache has to grow), so that a decode step with a paged or
 pre-sized cache can be captured in a CUDA graph and replayed. A dense attention layer uses the same object and
-fills k, v.
+fills k, v. With cuda_graph=True the model replays its decode steps from a CUDA graph (NSAModel, DecodeGraph): the
+cache then never grows, and dense layers read it at a fixed shape (every slot, masked by the device lengths).
 """
 
 from __future__ import annotations
@@ -118,12 +119,18 @@ class NSACache:
         block_table: int32 [B, max_pages] (device): a paged cache; page_size and num_pages are then required.
         page_size: P, tokens per page (a multiple of every layer's cmp_stride).
         num_pages: pages in each layer's pools.
+        cuda_graph: NSAForCausalLM / NSAModel capture their one-token decode step on this cache in a CUDA graph
+            and replay it (one launch per step instead of hundreds of kernel launches from Python); needs a
+            capacity or a paged cache (a captured step cannot grow it). On the CPU the steps run eagerly, at the
+            same fixed shapes.
     """
 
     is_compileable = False
 
     def __init__(self, capacity: int | None = None, *, block_table: torch.Tensor | None = None,
-                 page_size: int | None = None, num_pages: int | None = None):
+                 page_size: int | None = None, num_pages: int | None = None, cuda_graph: bool = False):
+        if cuda_graph and capacity is None and block_table is None:
+            raise ValueError("cuda_graph needs a capacity or a paged cache: a captured decode step cannot grow it")
         if block_table is not None:
             if page_size is None or num_pages is None:
                 raise ValueError("a paged cache (block_table) needs page_size and num_pages")
@@ -135,11 +142,20 @@ class NSACache:
         self.block_table = block_table
         self.page_size = page_size
         self.num_pages = num_pages
+        self.cuda_graph = cuda_graph
+        # The model's captured decode step (nsa.models.DecodeGraph), bound to this cache's tensors.
+        self.graph = None
         self.layers: list[LayerCache | None] = []
         self.lengths: list[int] = []
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """generate() asks it of a cache the caller passes: no layer keeps a state of fixed size (linear attention),
+        so a cache that already holds tokens makes generate() feed only the tokens after them."""
+        return [False] * len(self.layers)
 
     @property
     def paged(self) -> bool:
@@ -223,10 +239,13 @@ class NSACache:
         if k_cmp_raw is not None and (compress is None or sparsity is None or position_ids is None):
             raise ValueError("compressed keys need position_ids, compress (phi) and sparsity")
         need = self.lengths[layer_idx] + C
-        if self.capacity is not None and need > self.capacity and self.paged:
-            raise ValueError(f"the paged cache holds {self.capacity} tokens per sequence; {need} needed")
+        if self.capacity is not None and need > self.capacity and (self.paged or self.cuda_graph):
+            kind = "paged cache" if self.paged else "cache for CUDA graphs"
+            raise ValueError(f"the {kind} holds {self.capacity} tokens per sequence; {need} needed")
         if layer is None:
-            layer, table = self._allocate(k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, max(need, 2 * C, 256))
+            # A growing cache starts with some room; one for CUDA graphs holds exactly its capacity.
+            room = need if self.cuda_graph else max(need, 2 * C, 256)
+            layer, table = self._allocate(k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, room)
             self.layers[layer_idx] = layer
         else:
             table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
@@ -285,7 +304,8 @@ class NSACache:
         return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep the batch rows beam_idx [B'] (beam search); a paged cache copies the pages' contents."""
+        """Keep the batch rows beam_idx [B] (beam search), in place (a captured decode step stays valid); a paged
+        cache copies the pages' contents."""
         for layer in self.layers:
             if layer is None:
                 continue
@@ -294,7 +314,7 @@ class NSACache:
                     table = self.block_table.long()
                     value[table] = value[table[beam_idx.to(table.device)]]
                 elif isinstance(value, torch.Tensor):
-                    setattr(layer, name, value.index_select(0, beam_idx.to(value.device)))
+                    value.copy_(value.index_select(0, beam_idx.to(value.device)))
 
 
 def _sequence_view(state: StepState, b: int, length: int, window: int):

@@ -314,12 +314,18 @@ class DenseAttention(nn.Module):
         q = apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, DK), cos, sin)
         k, v = self.kv_proj(hidden_states).split([H * DK, H * DV], dim=-1)
         k, v = apply_rotary(k.view(B, T, H, DK), cos, sin), v.view(B, T, H, DV)
-        past = 0
+        past, allowed = 0, None
         if cache is not None:
             state = cache.update(self.layer_idx, k, v)
-            past = state.past_max
-            k, v = state.contiguous_kv(past + T)
-        allowed = None
+            if cache.cuda_graph and state.past_max:
+                # A decode step of fixed shape (a CUDA graph replays it at every length): all slots, key s visible
+                # to query t of sequence b iff s <= past[b] + t, from the device lengths.
+                k, v = state.contiguous_kv(cache.capacity)
+                t = state.past.long()[:, None] + torch.arange(T, device=q.device)
+                allowed = (torch.arange(k.shape[1], device=q.device) <= t[:, :, None])[:, None]
+            else:
+                past = state.past_max
+                k, v = state.contiguous_kv(past + T)
         if past or cu_seqlens is not None:
             # Key s is visible to query t (sequence index past + t) iff s <= past + t, and with cu_seqlens only
             # within the query's own sequence. Without either, is_causal keeps SDPA on its fused kernels.
@@ -329,6 +335,13 @@ class DenseAttention(nn.Module):
                 seq = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=q.device),
                                               (cu_seqlens[1:] - cu_seqlens[:-1]).long())
                 allowed = allowed & (seq[None, :] == seq[:, None])
+        G = self.num_heads // H
+        if allowed is not None and T == 1 and G > 1:
+            # One new token: the G query heads of a KV head are G query rows of it, so SDPA's masked kernels read
+            # each K/V once (with enable_gqa a masked call may take the math path, which repeats K/V G times).
+            o = F.scaled_dot_product_attention(q.view(B, H, G, DK), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=allowed)
+            return self.o_proj(o.reshape(B, T, -1))
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
-                                           is_causal=allowed is None, enable_gqa=H != self.num_heads)
+                                           is_causal=allowed is None, enable_gqa=G > 1)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

@@ -142,15 +142,64 @@ class NSAModel(NSAPreTrainedModel):
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = NSACache()
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = hidden_states.shape[:2]
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if position_ids is None:
             past = 0 if cache is None else cache.get_seq_length()
-            position_ids = default_position_ids(B, T, past, cu_seqlens, hidden_states.device)
+            device = (input_ids if inputs_embeds is None else inputs_embeds).device
+            position_ids = default_position_ids(B, T, past, cu_seqlens, device)
+        if (cache is not None and cache.cuda_graph and T == 1 and inputs_embeds is None and input_ids.is_cuda
+                and cache.get_seq_length() > 0 and not torch.is_grad_enabled()):
+            hidden_states = self._graph_step(input_ids, position_ids, cache)
+        else:
+            hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            hidden_states = self._decoder(hidden_states, position_ids, cache, cu_seqlens)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
+
+    def _decoder(self, hidden_states, position_ids, cache, cu_seqlens=None) -> torch.Tensor:
+        """The layers and the final norm."""
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       **{CACHE_FIELD: cache if use_cache else None})
+        return self.norm(hidden_states)
+
+    def _graph_step(self, input_ids, position_ids, cache: NSACache) -> torch.Tensor:
+        """A one-token decode step on a cache with cuda_graph: the first runs eagerly (it compiles and tunes the
+        kernels) and captures the step for the next ones, which replay it."""
+        if cache.graph is None or cache.graph.input_ids.shape != input_ids.shape:
+            hidden_states = self._decoder(self.embed_tokens(input_ids), position_ids, cache)
+            cache.graph = DecodeGraph(self, cache, input_ids, position_ids)
+            return hidden_states
+        return cache.graph.replay(input_ids, position_ids, cache)
+
+
+class DecodeGraph:
+    """NSAModel's one-token decode step on one NSACache (cuda_graph=True), captured in a CUDA graph.
+
+    Eagerly, a step of a 24-layer model launches thousands of small kernels from Python (projections, the cache's
+    rings and phi, the attention kernels, norms, MLPs), and the host, not the GPU, sets the pace; a replay launches
+    them all at once. The graph is bound to the batch size and to the cache's tensors, which such a cache never
+    moves (it does not grow; reorder_cache copies in place); its inputs go through static input_ids and
+    position_ids buffers ([B, 1] int64).
+    """
+
+    def __init__(self, model: NSAModel, cache: NSACache, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        self.input_ids, self.position_ids = input_ids.clone(), position_ids.clone()
+        lengths = list(cache.lengths)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden_states = model._decoder(model.embed_tokens(self.input_ids), self.position_ids, cache)
+        # Capturing ran the step's Python, which counts the new token on the host, but none of its kernels.
+        cache.lengths[:] = lengths
+
+    def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """[B, 1, hidden_size]: the step for these inputs, which appends their token to every layer's cache."""
+        if max(cache.lengths) + 1 > cache.capacity:
+            raise ValueError(f"the cache for CUDA graphs holds {cache.capacity} tokens per sequence; "
+                             f"{max(cache.lengths) + 1} needed")
+        self.input_ids.copy_(input_ids)
+        self.position_ids.copy_(position_ids)
+        self.graph.replay()
+        cache.lengths[:] = [n + 1 for n in cache.lengths]
+        return self.hidden_states.clone()
 
 
 class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):

@@ -160,3 +160,67 @@ def test_beam_search_with_the_cache_equals_beam_search_without():
     prompt = torch.randint(1, 101, (2, 19))
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, num_beams=3, do_sample=False)
     assert torch.equal(m.generate(prompt, **kwargs), m.generate(prompt, use_cache=False, **kwargs))
+
+
+def cache_kwarg(cache) -> dict:
+    """generate()'s keyword for a cache of the caller's, under this transformers version's name."""
+    from nsa.models.modeling_nsa import CACHE_FIELD
+
+    return {CACHE_FIELD: cache}
+
+
+@pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_on_a_cache_for_cuda_graphs_equals_generate(attn_impl, num_beams):
+    # On the CPU nothing is captured, but the steps run at the fixed shapes a captured step has (a dense layer reads
+    # every slot of the cache, masked by the device lengths) and beams are reordered in place.
+    m = model(attn_impl=attn_impl).double()
+    prompt = torch.randint(1, 101, (2, 19))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=25, do_sample=False, num_beams=num_beams)
+    cache = NSACache(capacity=19 + 25, cuda_graph=True)
+    assert torch.equal(m.generate(prompt, **kwargs, **cache_kwarg(cache)), m.generate(prompt, **kwargs))
+    assert cache.get_seq_length() == 19 + 24 and cache.graph is None
+
+
+@pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
+def test_decode_steps_on_a_cache_for_cuda_graphs_give_the_same_logits(attn_impl):
+    m = model(attn_impl=attn_impl).double()
+    ids = torch.randint(1, 101, (2, 30))
+    logits = []
+    for cache in (NSACache(capacity=30, cuda_graph=True), NSACache()):
+        steps = [m(ids[:, :20], cache=cache).logits] + [m(ids[:, t:t + 1], cache=cache).logits for t in range(20, 30)]
+        logits.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-12, atol=1e-12)
+
+
+def test_cache_for_cuda_graphs_needs_a_fixed_capacity():
+    with pytest.raises(ValueError, match="cuda_graph needs a capacity"):
+        NSACache(cuda_graph=True)
+    m = model().double()
+    cache = NSACache(capacity=24, cuda_graph=True)
+    m(torch.randint(1, 101, (1, 20)), cache=cache)
+    with pytest.raises(ValueError, match="holds 24 tokens per sequence; 25 needed"):
+        m(torch.randint(1, 101, (1, 5)), cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
+def test_captured_decode_steps_equal_eager_ones_on_the_gpu(attn_impl):
+    m = model(attn_impl=attn_impl, sparsity=nsa.SparsityConfig(), head_dim=32, v_head_dim=32).cuda().requires_grad_(False)
+    ids = torch.randint(1, 101, (2, 340), device="cuda")
+    logits = []
+    # Without grad mode the steps after the first replay a captured one; with it they all run eagerly.
+    for grad in (False, True):
+        cache = NSACache(capacity=340, cuda_graph=True)
+        with torch.set_grad_enabled(grad):
+            steps = [m(ids[:, :300], cache=cache).logits]
+            steps += [m(ids[:, t:t + 1], cache=cache).logits for t in range(300, 340)]
+        assert (cache.graph is None) == grad and cache.get_seq_length() == 340
+        logits.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+    # generate() on such a cache replays its steps too.
+    prompt = ids[:, :300]
+    cache = NSACache(capacity=330, cuda_graph=True)
+    out = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                     **cache_kwarg(cache))
+    assert out.shape == (2, 330) and cache.graph is not None and cache.get_seq_length() == 329
