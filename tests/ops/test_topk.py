@@ -8,6 +8,7 @@ import torch
 from nsa import reference
 from nsa.config import SparsityConfig
 from nsa.ops.compressed import cmp_fwd
+from nsa.ops.common import LOG2E
 from nsa.ops.topk import select_blocks
 from tests.inputs import DEVICE
 from tests.ops.test_compressed import SMALL, cmp_inputs, cmp_reference
@@ -95,6 +96,24 @@ def test_select_blocks_matches_reference(lengths, batch, HQ, HKV, DK, cfg, block
     _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, scale)
     idx = select_blocks(q, k_cmp, lse, packed, cfg, scale, block_n=block_n)
     S, ref_idx = reference_scores(q, k_cmp, packed, cfg, scale)
+    assert_same_selection(idx, ref_idx, S, packed, cfg)
+
+
+# The interpreter evaluates both sides of tl.where: the guarded exp2 overflows there, by design.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_padding_slots_add_nothing_when_every_score_is_very_low():
+    # l'/d = 6 tokens per block, padded to 8 slots that load nothing (score 0); with every real score far below 0
+    # (lse2 < -128) such a slot's exp2(0 - lse2) is inf, and inf times its zero overlap weight would be NaN. 600
+    # tokens in 16-slot tiles make both the masked tiles and the ones that skip the staircase mask meet them.
+    cfg = SparsityConfig(16, 8, 48, 3, 1, 1)
+    q, k_cmp, v_cmp, _, packed = cmp_inputs([600], 2, 1, 16, 16, cfg, torch.float32)
+    u = torch.nn.functional.normalize(torch.randn(16, device=DEVICE), dim=0)
+    q = u.expand_as(q) * (1 + 0.01 * torch.randn(q.shape[:2], device=DEVICE))[..., None]
+    k_cmp = -400.0 * u.expand_as(k_cmp) + 0.01 * torch.randn_like(k_cmp)
+    _, lse = cmp_fwd(q, k_cmp, v_cmp, packed, cfg, 0.25)
+    assert (lse[100:] * LOG2E < -128).all()
+    idx = select_blocks(q, k_cmp, lse, packed, cfg, 0.25, block_n=16)
+    S, ref_idx = reference_scores(q, k_cmp, packed, cfg, 0.25)
     assert_same_selection(idx, ref_idx, S, packed, cfg)
 
 
