@@ -1,0 +1,80 @@
+"""Operations that launch work (views excluded) in one decode step of NSAForCausalLM, per decoder layer, NSA against
+its dense twin, by the function that issued them. Runs on the CPU; NSA's decode kernels are left out (a stub stands
+in for decode_attention), so what is counted for NSA is what surrounds them: projections, RoPE, phi, the cache's
+rings, norms and MLP; the dense layer's count includes its SDPA call. Replayed from a CUDA graph, each of these is
+still a kernel of its own.
+
+python3 benchmarks/decode_op_count.py [--layers 2] [--prompt 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nsa.modules
+from nsa import NSACache
+from nsa.models import NSAConfig, NSAForCausalLM
+
+# Operations that only make a view (no kernel).
+VIEWS = {"view", "_unsafe_view", "reshape", "expand", "split", "chunk", "select", "slice", "unsqueeze", "squeeze",
+         "transpose", "permute", "t", "as_strided", "alias", "detach", "split_with_sizes", "unbind", "unflatten",
+         "flatten", "_reshape_alias", "lift_fresh", "result_type", "promote_types"}
+
+
+class Count(TorchDispatchMode):
+    """Counts the dispatched operations that are not views, by the innermost nsa function that issued them."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_function = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in VIEWS:
+            frames = [f for f in traceback.extract_stack() if "/nsa/" in f.filename]
+            self.by_function[f"{frames[-1].filename.split('/nsa/')[-1]}:{frames[-1].name}" if frames else "?"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(attn_impl: str, layers: int, prompt: int) -> collections.Counter:
+    config = NSAConfig.nsa_1b(attn_impl=attn_impl, num_hidden_layers=layers, hidden_size=256, intermediate_size=512,
+                              num_attention_heads=16, num_key_value_heads=1, head_dim=64, vocab_size=1000)
+    torch.manual_seed(0)
+    model = NSAForCausalLM(config).eval()
+    cache = NSACache(capacity=prompt + 4)
+    ids = torch.randint(1, config.vocab_size, (1, prompt))
+    with torch.no_grad():
+        token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+        model(token, cache=cache)
+        mode = Count()
+        with mode:
+            model(token, cache=cache)
+    return mode.by_function
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=1500)
+    args = parser.parse_args()
+    nsa.modules.decode_attention = lambda q, gates, state, cfg: q.new_zeros(*q.shape[:3], state.layer.v.shape[-1])
+    totals = {}
+    for attn_impl in ("nsa", "dense"):
+        by_function = count(attn_impl, args.layers, args.prompt)
+        one_layer = count(attn_impl, 1, args.prompt)
+        per_layer = (sum(by_function.values()) - sum(one_layer.values())) / (args.layers - 1)
+        totals[attn_impl] = per_layer
+        print(f"{attn_impl}: {per_layer:.0f} operations per decoder layer per step")
+        for name, n in sorted(((k, (by_function[k] - one_layer[k]) / (args.layers - 1)) for k in by_function),
+                              key=lambda kv: -kv[1]):
+            if n:
+                print(f"  {n:5.0f}  {name}")
+    print(f"NSA / dense: {totals['nsa'] / totals['dense']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
