@@ -102,6 +102,27 @@ def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: boo
     return out
 
 
+def append_to_rings(pairs, past: torch.Tensor, end: torch.Tensor, ragged: bool) -> None:
+    """For each (ring, new) of `pairs`, in place: the ring [B, R, ...] (token s at slot s % R) moves on from the
+    tokens before past [B] to those before end [B] by taking in the new tokens [B, C, ...] at positions past ..
+    end - 1. ragged: end may fall short of past + C (a sequence appending fewer tokens); the rest are not taken in."""
+    R, C = pairs[0][0].shape[1], pairs[0][1].shape[1]
+    if C > R:
+        # More new tokens than slots: each slot's new content, gathered from the ring and the new tokens.
+        gather_positions(pairs, past, ring_positions(end, R), in_place=True)
+        return
+    # At most one new token per slot: the new tokens are scattered to their slots.
+    batch = torch.arange(past.shape[0], device=past.device)[:, None]
+    pos = past[:, None].long() + torch.arange(C, device=past.device)
+    slot = pos % R
+    taken = pos < end[:, None] if ragged else None
+    for ring, new in pairs:
+        new = new.to(ring.dtype)
+        if ragged:
+            new = torch.where(taken.view(*taken.shape, *([1] * (new.dim() - 2))), new, ring[batch, slot])
+        ring[batch, slot] = new
+
+
 def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
     """[B, size]: the position each slot of a ring of `size` holds once a sequence has end [B] tokens (the last
     `size` of them; negative where the sequence is shorter)."""
@@ -261,14 +282,15 @@ class NSACache:
         layer.v.view(-1, *v.shape[2:]).index_copy_(0, rows, v.flatten(0, 1).to(layer.v.dtype))
         state = StepState(layer, table, past, self.lengths[layer_idx], None, None)
         if k_cmp_raw is not None:
-            self._compress(layer, state, past, end, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
+            ragged = lengths is not None
+            self._compress(layer, state, past, end, ragged, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
             if k_win is not None:
-                state.k_win, state.v_win = self._window(layer, past, end, k_win, v_win, C, sparsity)
+                state.k_win, state.v_win = self._window(layer, past, end, ragged, k_win, v_win, C, sparsity)
         layer.seqlens.copy_(end)
         self.lengths[layer_idx] = need
         return state
 
-    def _compress(self, layer, state, past, end, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
+    def _compress(self, layer, state, past, end, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens; the tail ring moves on."""
         l, d = cfg.cmp_block, cfg.cmp_stride
         B, C = k_raw.shape[:2]
@@ -289,18 +311,16 @@ class NSACache:
         layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target.flatten(), k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
         layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target.flatten(), v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp
-        gather_positions(tails, past, ring_positions(end, l), in_place=True)
+        append_to_rings(tails, past, end, ragged)
 
-    def _window(self, layer, past, end, k_win, v_win, C, cfg: SparsityConfig):
+    def _window(self, layer, past, end, ragged, k_win, v_win, C, cfg: SparsityConfig):
         """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
         size = cfg.window + C - 1
         step = None
         if size > layer.k_win.shape[1]:
             at = ring_positions(end, size)
             step = tuple(gather_positions(((layer.k_win, k_win), (layer.v_win, v_win)), past, at))
-        at = ring_positions(end, layer.k_win.shape[1])
-        gather_positions(((layer.k_win, k_win.to(layer.k_win.dtype)), (layer.v_win, v_win.to(layer.v_win.dtype))),
-                         past, at, in_place=True)
+        append_to_rings(((layer.k_win, k_win), (layer.v_win, v_win)), past, end, ragged)
         return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

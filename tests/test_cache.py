@@ -107,11 +107,16 @@ def test_update_rejects_a_different_batch():
         m(torch.randn(3, 1, 48, dtype=torch.float64), cache=cache)
 
 
-def test_sequences_of_different_lengths_in_one_batch():
+# A chunk of C of which sequence 1 takes only `taken` (the rest is padding), then one token per step. (10, 9): more
+# new tokens than the tail ring's l = 8 slots; (6, 1): fewer, and sequence 1's padding (positions 31-35) falls on
+# the tail slots of tokens 24-27, which its next block (tokens 24-31) still needs.
+@pytest.mark.parametrize("C, taken", [(10, 9), (6, 1)])
+def test_sequences_of_different_lengths_in_one_batch(C, taken):
     """Each sequence appends its own count (lengths) at its own position: as if decoded alone."""
     m = make()
     x = torch.randn(2, 50, 48, dtype=torch.float64)
-    alone = [m(x[0:1])[0], m(x[1:2, :49])[0]]
+    ends = [30 + C + 10, 30 + taken + 10]
+    alone = [m(x[0:1, :ends[0]])[0], m(x[1:2, :ends[1]])[0]]
     cache = NSACache()
     m(x[:, :30], cache=cache)
 
@@ -123,16 +128,15 @@ def test_sequences_of_different_lengths_in_one_batch():
                              lengths=lengths)
         return m.o_proj(decode_attention(p["q"], p["gates"], state, SMALL).flatten(2))
 
-    # A chunk of 10 of which sequence 1 takes only 9 (its 10th is padding), then one token per step.
-    pos = torch.arange(30, 40).expand(2, 10)
-    o = step(x[:, 30:40], pos, torch.tensor([10, 9], dtype=torch.int32))
-    outs = [[o[0]], [o[1, :9]]]
+    pos = torch.arange(30, 30 + C).expand(2, C)
+    o = step(x[:, 30:30 + C], pos, torch.tensor([C, taken], dtype=torch.int32))
+    outs = [[o[0]], [o[1, :taken]]]
     for _ in range(10):
         cur = cache.seqlens(1).long()
         o = step(x[torch.arange(2), cur][:, None], cur[:, None])
         outs[0].append(o[0])
         outs[1].append(o[1])
-    assert cache.seqlens(1).tolist() == [50, 49]
+    assert cache.seqlens(1).tolist() == ends
     for b in range(2):
         torch.testing.assert_close(torch.cat(outs[b]), alone[b][30:], rtol=1e-10, atol=1e-12)
 
