@@ -79,6 +79,11 @@ class StepState:
         return self.layer.k[:, :length], self.layer.v[:, :length]
 
 
+def _per_token(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """mask [B, K] viewed to broadcast over the trailing dims of like [B, K, ...]."""
+    return mask.view(*mask.shape, *([1] * (like.dim() - 2)))
+
+
 def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: bool = False) -> list[torch.Tensor]:
     """For each (ring, new) of `pairs`, the entries at absolute positions pos [B, K] of a sequence whose tokens
     before past [B] lie in `ring` [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new`
@@ -92,7 +97,7 @@ def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: boo
     out = []
     for ring, new in pairs:
         # ring[batch, at_ring] is a copy, so writing into the ring afterwards reads nothing it overwrote.
-        picked = (keep.view(*keep.shape, *([1] * (new.dim() - 2))), new[batch, at_new], ring[batch, at_ring])
+        picked = (_per_token(keep, new), new[batch, at_new], ring[batch, at_ring])
         if not in_place:
             out.append(torch.where(*picked))
         elif torch.is_grad_enabled() and (new.requires_grad or ring.requires_grad):
@@ -119,7 +124,7 @@ def append_to_rings(pairs, past: torch.Tensor, end: torch.Tensor, ragged: bool) 
     for ring, new in pairs:
         new = new.to(ring.dtype)
         if ragged:
-            new = torch.where(taken.view(*taken.shape, *([1] * (new.dim() - 2))), new, ring[batch, slot])
+            new = torch.where(_per_token(taken, new), new, ring[batch, slot])
         ring[batch, slot] = new
 
 
@@ -192,6 +197,13 @@ class NSACache:
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         return None if layer is None else layer.seqlens
 
+    def check_room(self, need: int) -> None:
+        """Refuse `need` tokens per sequence beyond the capacity of a cache that cannot grow (paged, or made for
+        CUDA graphs)."""
+        if self.capacity is not None and need > self.capacity and (self.paged or self.cuda_graph):
+            kind = "paged cache" if self.paged else "cache for CUDA graphs"
+            raise ValueError(f"the {kind} holds {self.capacity} tokens per sequence; {need} needed")
+
     def _allocate(self, k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, need):
         B, _, HKV, DK = k.shape
         DV = v.shape[-1]
@@ -260,9 +272,7 @@ class NSACache:
         if k_cmp_raw is not None and (compress is None or sparsity is None or position_ids is None):
             raise ValueError("compressed keys need position_ids, compress (phi) and sparsity")
         need = self.lengths[layer_idx] + C
-        if self.capacity is not None and need > self.capacity and (self.paged or self.cuda_graph):
-            kind = "paged cache" if self.paged else "cache for CUDA graphs"
-            raise ValueError(f"the {kind} holds {self.capacity} tokens per sequence; {need} needed")
+        self.check_room(need)
         if layer is None:
             # A growing cache starts with some room; one for CUDA graphs holds exactly its capacity.
             room = need if self.cuda_graph else max(need, 2 * C, 256)

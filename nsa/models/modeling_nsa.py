@@ -142,11 +142,11 @@ class NSAModel(NSAPreTrainedModel):
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = NSACache()
-        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = inputs.shape[:2]
         if position_ids is None:
             past = 0 if cache is None else cache.get_seq_length()
-            device = (input_ids if inputs_embeds is None else inputs_embeds).device
-            position_ids = default_position_ids(B, T, past, cu_seqlens, device)
+            position_ids = default_position_ids(B, T, past, cu_seqlens, inputs.device)
         if (cache is not None and cache.cuda_graph and T == 1 and inputs_embeds is None and input_ids.is_cuda
                 and cache.get_seq_length() > 0 and not torch.is_grad_enabled()):
             hidden_states = self._graph_step(input_ids, position_ids, cache)
@@ -174,11 +174,11 @@ class NSAModel(NSAPreTrainedModel):
 class DecodeGraph:
     """NSAModel's one-token decode step on one NSACache (cuda_graph=True), captured in a CUDA graph.
 
-    Eagerly, a step of a 24-layer model launches thousands of small kernels from Python (projections, the cache's
-    rings and phi, the attention kernels, norms, MLPs), and the host, not the GPU, sets the pace; a replay launches
-    them all at once. The graph is bound to the batch size and to the cache's tensors, which such a cache never
-    moves (it does not grow; reorder_cache copies in place); its inputs go through static input_ids and
-    position_ids buffers ([B, 1] int64).
+    Eagerly, a step of a 20-layer model (the 1B preset) launches thousands of small kernels from Python
+    (projections, the cache's rings and phi, the attention kernels, norms, MLPs), and the host, not the GPU, sets
+    the pace; a replay launches them all at once. The graph is bound to the batch size and to the cache's tensors,
+    which such a cache never moves (it does not grow; reorder_cache copies in place); its inputs go through static
+    input_ids and position_ids buffers ([B, 1] int64).
     """
 
     def __init__(self, model: NSAModel, cache: NSACache, input_ids: torch.Tensor, position_ids: torch.Tensor):
@@ -192,9 +192,7 @@ class DecodeGraph:
 
     def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """[B, 1, hidden_size]: the step for these inputs, which appends their token to every layer's cache."""
-        if max(cache.lengths) + 1 > cache.capacity:
-            raise ValueError(f"the cache for CUDA graphs holds {cache.capacity} tokens per sequence; "
-                             f"{max(cache.lengths) + 1} needed")
+        cache.check_room(max(cache.lengths) + 1)
         self.input_ids.copy_(input_ids)
         self.position_ids.copy_(position_ids)
         self.graph.replay()
