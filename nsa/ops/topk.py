@@ -27,10 +27,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import constexpr_function
 
 from ..config import SparsityConfig
 from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_split
-from .compressed import group_program, group_rows, group_tiling, num_visible
+from .compressed import group_program, group_tiling, num_visible
 
 # Compressed token slots per tile of the scoring product (16 blocks of the paper's knobs, 4 tokens each), and rows
 # (queries x heads of a group) per program. At 64k in the paper's configuration on the H200 the selection took
@@ -38,24 +39,82 @@ from .compressed import group_program, group_rows, group_tiling, num_visible
 # operands in shared memory with twice the rows).
 BLOCK_N = 64
 BLOCK_M = 256
+# Which bits of a row's index make its head within the group, and of a column's index the token within its block,
+# in order of preference: those the product's tile keeps in one thread's registers first (on Hopper with eight
+# warps, bits 3 and 7 of the row, 0, 3, 4 and 5 of the column), so that most of the sums over a query's heads and
+# over a block's tokens are additions in registers rather than shuffles between lanes.
+ROW_HEAD_BITS = (3, 7, 0, 1, 2, 4, 5, 6)
+COLUMN_TOKEN_BITS = (0, 3, 4, 5, 1, 2)
+
+
+@constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@constexpr_function
+def _bits_below(mask, b):
+    """How many bits of mask lie below bit b."""
+    return bin(mask & ((1 << b) - 1)).count("1")
+
+
+@constexpr_function
+def _bits_above(mask, b):
+    """How many bits of mask lie above bit b."""
+    return bin(mask >> (b + 1)).count("1")
 
 
 @triton.jit
-def fold_blocks(p, R: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr):
+def gather_bits(x, MASK: tl.constexpr, NBITS: tl.constexpr):
+    """The bits of x (integers below 2^NBITS) at the positions set in MASK, packed in ascending order."""
+    out = tl.zeros_like(x)
+    for b in tl.static_range(NBITS):
+        if (MASK >> b) & 1:
+            out |= ((x >> b) & 1) << _bits_below(MASK, b)
+    return out
+
+
+@triton.jit
+def sum_bits(x, MASK: tl.constexpr, AXIS: tl.constexpr):
+    """x [M, N] (powers of two) summed over the indices of axis AXIS that differ only in the bits set in
+    MASK: the result's index along AXIS is gather_bits(index, ~MASK). Which bits a tile keeps in one thread's
+    registers and which across lanes or warps is the layout's; summing register bits costs additions only."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    NBITS: tl.constexpr = _log2(x.shape[AXIS])
+    if AXIS == 0:
+        x = tl.reshape(x, [2] * NBITS + [N])
+    else:
+        x = tl.reshape(x, [M] + [2] * NBITS)
+    # Bit b is axis AXIS + NBITS - 1 - b less the higher bits already summed. From the highest bit down: the
+    # row bits a Hopper tile keeps in registers (ROW_HEAD_BITS) lie above those it spreads over lanes, and
+    # summing registers first leaves fewer values to shuffle.
+    for b in tl.static_range(NBITS - 1, -1, -1):
+        if (MASK >> b) & 1:
+            x = tl.sum(x, AXIS + NBITS - 1 - b - _bits_above(MASK, b))
+    if AXIS == 0:
+        x = tl.reshape(x, [x.numel // N, N])
+    else:
+        x = tl.reshape(x, [M, x.numel // M])
+    return x
+
+
+@triton.jit
+def fold_blocks(p, k, K_BITS: tl.constexpr, R: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                SLC_BLOCK: tl.constexpr):
     """SPEC 3's fold of compressed-token weights into selection-block scores, on the CUDA cores in float32.
 
-    p [M, BJ, R_PAD]: row m's weight of token k of block j of a tile (the R = l'/d tokens starting in the block,
-    padded to a power of two). Token k overlaps its own block by w0[k] * d and the next by w1[k] * d (l <= l', so
-    no token reaches further). Returns (score [M, BJ]: each block's own tokens plus what the previous block of the
-    tile spills into it; spill [M]: what the tile's last block spills into the block after the tile)."""
-    BJ: tl.constexpr = p.shape[1]
-    R_PAD: tl.constexpr = p.shape[2]
-    k = tl.arange(0, R_PAD)
+    p [M, N]: row m's weight of the tile's column n, which holds token k[n] of a block (the R = l'/d tokens
+    starting in it, padded to a power of two); the block is the number the bits of n outside K_BITS make
+    (sum_bits). Token k overlaps its own block by w0[k] * d and the next by w1[k] * d (l <= l', so no token
+    reaches further). Returns (score [M, BJ]: each block's own tokens plus what the previous block of the tile
+    spills into it; spill [M]: what the tile's last block spills into the block after the tile)."""
     w0 = tl.where(k < R, tl.minimum(k * CMP_STRIDE + CMP_BLOCK, SLC_BLOCK) - k * CMP_STRIDE, 0) / CMP_STRIDE
-    score = tl.sum(p * w0[None, None, :], 2)
+    score = sum_bits(p * w0[None, :], K_BITS, 1)
+    BJ: tl.constexpr = score.shape[1]
     if CMP_BLOCK > CMP_STRIDE:
         w1 = tl.where(k < R, tl.maximum(k * CMP_STRIDE + CMP_BLOCK - SLC_BLOCK, 0), 0) / CMP_STRIDE
-        spills = tl.sum(p * w1[None, None, :], 2)
+        spills = sum_bits(p * w1[None, :], K_BITS, 1)
         jj = tl.arange(0, BJ)
         prev = tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], (p.shape[0], BJ))
         score += tl.where(jj[None, :] == 0, 0.0, tl.gather(spills, prev, 1))
@@ -92,16 +151,17 @@ def ascending_blocks(best, NUM_SELECTED: tl.constexpr):
 @triton.jit
 def _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BJ: tl.constexpr, R_PAD: tl.constexpr,
-               NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-               SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+               HEAD_BITS: tl.constexpr, K_BITS: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+               CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+               MASKED: tl.constexpr):
     """The top-n keys [BLOCK_T, BJ] of blocks j0 .. j0 + BJ for the program's queries, and the spill of the
     tile's last block into the next tile. Without MASKED every row sees every token of the tile."""
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    BLOCK_T: tl.constexpr = tq.shape[0]
-    # Token k of a block: its place in the tile's columns.
+    # Column n holds token k of block j0 + j, k and j made of the bits of n inside and outside K_BITS.
+    NBITS: tl.constexpr = _log2(BJ * R_PAD)
     n = tl.arange(0, BJ * R_PAD)
-    k = n % R_PAD
-    i = (j0 + n // R_PAD) * R + k
+    k = gather_bits(n, K_BITS, NBITS)
+    i = (j0 + gather_bits(n, (BJ * R_PAD - 1) ^ K_BITS, NBITS)) * R + k
     if MASKED:
         in_seq = (k < R) & (i < num_cmp)
     else:
@@ -118,9 +178,8 @@ def _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HK
         p = tl.where(in_seq[None, :], tl.exp2(s - lse2[:, None]), 0.0)
 
     # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first.
-    G_PAD: tl.constexpr = qa.shape[0] // BLOCK_T
-    p = tl.reshape(tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BJ * R_PAD]), 1), [BLOCK_T, BJ, R_PAD])
-    score, spill_out = fold_blocks(p, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+    p = sum_bits(p, HEAD_BITS, 0)
+    score, spill_out = fold_blocks(p, k, K_BITS, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
     jj = tl.arange(0, BJ)
     score += tl.where(jj[None, :] == 0, spill[:, None], 0.0)
     j = j0 + jj
@@ -149,8 +208,8 @@ def _configs():
 def select_blocks_kernel(
     q, k_cmp, lse, idx, cu_seqlens, cu_cmp, scale2, HKV,
     G: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
-    BLOCK_T: tl.constexpr, BJ: tl.constexpr, R_PAD: tl.constexpr, KP: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BJ: tl.constexpr, R_PAD: tl.constexpr, KP: tl.constexpr, HEAD_BITS: tl.constexpr,
+    K_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # The last query tiles have the most candidate blocks: group_program starts them first.
@@ -159,10 +218,16 @@ def select_blocks_kernel(
         return
     HQ = HKV * G
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    t, g, valid = group_rows(t0, seq_len, G, G_PAD, BLOCK_T)
+    # Row r is head g of query t, g and t - t0 made of the bits of r inside and outside HEAD_BITS.
+    NBITS: tl.constexpr = _log2(BLOCK_T * G_PAD)
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    g = gather_bits(r, HEAD_BITS, NBITS)
+    t = t0 + gather_bits(r, (BLOCK_T * G_PAD - 1) ^ HEAD_BITS, NBITS)
+    valid = (t < seq_len) & (g < G)
     qa, qb = load_split(q, tok0 + t, kvh * G + g, HQ, valid, DK, BLOCK_DK, BLOCK_DK2)
     # Padded heads and queries past the end get lse = +inf: probability 0, so they add nothing to the scores.
-    lse2 = tl.load(lse + (tok0 + t).to(tl.int64) * HQ + kvh * G + g, mask=valid, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse + (tok0 + t).to(tl.int64) * HQ + kvh * G + g, mask=valid, other=float("inf"))
+    lse2 = lse2 * 1.4426950408889634
 
     tq = t0 + tl.arange(0, BLOCK_T)
     jt = tq // SLC_BLOCK
@@ -177,18 +242,25 @@ def select_blocks_kernel(
     j_full = tl.maximum(num_visible(t0 + 1, CMP_BLOCK, CMP_STRIDE), 0) // R // BJ * BJ
     for j0 in range(0, j_full, BJ):
         key, spill = _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK,
-                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, NUM_INIT, NUM_LOCAL, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK,
-                                DOT_PREC, False)
+                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, HEAD_BITS, K_BITS, NUM_INIT, NUM_LOCAL, CMP_BLOCK,
+                                CMP_STRIDE, SLC_BLOCK, DOT_PREC, False)
         best, bar = _merge_keys(best, bar, key, NUM_SELECTED)
     for j0 in range(j_full, (t0 + BLOCK_T - 1) // SLC_BLOCK + 1, BJ):
         key, spill = _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HKV, scale2, DK,
-                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, NUM_INIT, NUM_LOCAL, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK,
-                                DOT_PREC, True)
+                                BLOCK_DK, BLOCK_DK2, BJ, R_PAD, HEAD_BITS, K_BITS, NUM_INIT, NUM_LOCAL, CMP_BLOCK,
+                                CMP_STRIDE, SLC_BLOCK, DOT_PREC, True)
         best, bar = _merge_keys(best, bar, key, NUM_SELECTED)
 
     chosen = ascending_blocks(best, NUM_SELECTED)
     offs = (tok0 + tq).to(tl.int64)[:, None] * (HKV * NUM_SELECTED) + kvh * NUM_SELECTED + slot[None, :]
     tl.store(idx + offs, chosen, mask=(tq < seq_len)[:, None] & (slot < NUM_SELECTED)[None, :])
+
+
+def _first_bits(order: tuple[int, ...], count: int, size: int) -> int:
+    """The mask of the first log2(count) bits of `order` (then every other bit) below log2(size)."""
+    width = size.bit_length() - 1
+    order = [b for b in order if b < width] + [b for b in range(width) if b not in order]
+    return sum(1 << b for b in order[:count.bit_length() - 1])
 
 
 def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: float,
@@ -226,10 +298,12 @@ def select_blocks(q, k_cmp, lse, packed: Packed, cfg: SparsityConfig, scale: flo
     # two; the product needs 16 columns.
     r_pad, kp = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride), max(2, triton.next_power_of_2(n))
     block_n = max(16, r_pad * kp, triton.next_power_of_2(block_n))
+    rows = tiling["BLOCK_T"] * tiling["G_PAD"]
     grid = (triton.cdiv(packed.max_len, tiling["BLOCK_T"]), packed.num_seqs * HKV)
     select_blocks_kernel[grid](
         q, k_cmp, lse, idx, packed.cu_seqlens, packed.cu_cmp, scale * LOG2E, HKV, DK=DK,
-        BJ=block_n // r_pad, R_PAD=r_pad, KP=kp,
+        BJ=block_n // r_pad, R_PAD=r_pad, KP=kp, HEAD_BITS=_first_bits(ROW_HEAD_BITS, tiling["G_PAD"], rows),
+        K_BITS=_first_bits(COLUMN_TOKEN_BITS, r_pad, block_n),
         NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
         CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, **tiling,
     )
