@@ -32,16 +32,32 @@ class Packed:
     """Where each sequence lies in the packed token axis and in the packed compressed axis.
 
     cu_seqlens, cu_cmp: int32 [N+1] offsets of the raw and compressed tokens of each sequence.
-    max_len: the longest sequence.
+    lengths: the N sequence lengths on the host, so that launchers lay out their grids without reading
+    cu_seqlens back from the device (which would wait for every kernel before them).
     """
 
     cu_seqlens: torch.Tensor
     cu_cmp: torch.Tensor
-    max_len: int
+    lengths: tuple[int, ...]
 
     @property
     def num_seqs(self) -> int:
-        return self.cu_seqlens.numel() - 1
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence."""
+        return max(self.lengths)
+
+
+def host_tensor(values: list[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a tensor on device, copied from pinned memory without waiting for the kernels queued
+    before it (a plain copy from pageable memory synchronizes the stream, idling the GPU while the host
+    launches what follows)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def packed_layout(batch: int, seqlen: int, cu_seqlens, cfg: SparsityConfig, device) -> Packed:
@@ -55,15 +71,21 @@ def packed_layout(batch: int, seqlen: int, cu_seqlens, cfg: SparsityConfig, devi
     for n in lengths:
         offsets.append(offsets[-1] + n)
         cmp_offsets.append(cmp_offsets[-1] + cfg.num_cmp(n))
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return Packed(as_tensor(offsets), as_tensor(cmp_offsets), max(lengths))
+    as_tensor = lambda xs: host_tensor(xs, torch.int32, device)  # noqa: E731
+    return Packed(as_tensor(offsets), as_tensor(cmp_offsets), tuple(lengths))
 
 
 def query_tiles(packed: Packed, block: int) -> torch.Tensor:
-    """int32 [num_tiles, 2]: (sequence, first position in it) of every tile of `block` queries."""
-    starts = packed.cu_seqlens.tolist()
-    rows = [(s, p) for s in range(packed.num_seqs) for p in range(0, starts[s + 1] - starts[s], block)]
-    return torch.tensor(rows, dtype=torch.int32, device=packed.cu_seqlens.device).view(-1, 2)
+    """int32 [num_tiles, 2]: (sequence, first position in it) of every tile of `block` consecutive queries, built
+    on the device (at block = 1 and T = 64k a host loop over the tiles would cost more than a kernel)."""
+    device = packed.cu_seqlens.device
+    per_seq = [-(-n // block) for n in packed.lengths]
+    num_tiles = sum(per_seq)
+    counts = host_tensor(per_seq, torch.long, device)
+    seq = torch.repeat_interleave(torch.arange(packed.num_seqs, device=device), counts, output_size=num_tiles)
+    first_tile = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(num_tiles, device=device) - first_tile[seq]) * block
+    return torch.stack([seq, start], dim=1).to(torch.int32).contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -31,9 +31,11 @@ from .common import (
     autotune_configs,
     dot_acc_split,
     dot_precision,
+    host_tensor,
     load_grad_rows,
     load_split,
     padded_dim,
+    query_tiles,
     softmax_finish,
     softmax_grad_step,
     softmax_step_split,
@@ -326,23 +328,6 @@ def _check_idx(idx, q, k, cfg: SparsityConfig) -> None:
         raise ValueError(f"idx must have shape [N_tok, HKV, num_selected] = {expected}, got {tuple(idx.shape)}")
 
 
-def _sequence_lengths(packed: Packed) -> list[int]:
-    """The length of each packed sequence, on the host: the grids' one read of cu_seqlens."""
-    cu = packed.cu_seqlens.tolist()
-    return [b - a for a, b in zip(cu[:-1], cu[1:])]
-
-
-def _query_chunks(lengths: list[int], Q: int, device) -> torch.Tensor:
-    """int32 [C, 2]: (sequence, first position) of every chunk of Q consecutive queries, built on the device
-    (at Q = 1 and T = 64k a host loop over the chunks would cost more than the kernel)."""
-    per_seq = torch.tensor([-(-n // Q) for n in lengths], dtype=torch.long, device=device)
-    C = sum(-(-n // Q) for n in lengths)
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), per_seq, output_size=C)
-    first_chunk = torch.cumsum(per_seq, 0) - per_seq
-    start = (torch.arange(C, device=device) - first_chunk[seq]) * Q
-    return torch.stack([seq, start], dim=1).to(torch.int32).contiguous()
-
-
 def _chunk_blocks(idx, packed: Packed, tiles: torch.Tensor, Q: int):
     """Per chunk of Q consecutive queries (tiles [C, 2], Q > 1) and KV head, the union of their selected blocks.
 
@@ -364,16 +349,16 @@ def _chunk_blocks(idx, packed: Packed, tiles: torch.Tensor, Q: int):
     return blocks.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
 
 
-def _chunks(idx, packed: Packed, lengths: list[int], Q: int):
+def _chunks(idx, packed: Packed, Q: int):
     """(tiles, union, count) for the forward and dq kernels; at Q = 1 the kernels read idx itself and the
     union tables are idx (never read) and an empty count."""
-    tiles = _query_chunks(lengths, Q, idx.device)
+    tiles = query_tiles(packed, Q)
     if Q == 1:
         return tiles, idx, idx.new_zeros(1)
     return (tiles, *_chunk_blocks(idx, packed, tiles, Q))
 
 
-def _block_segments(idx, packed: Packed, lengths: list[int], cfg: SparsityConfig, segment: int):
+def _block_segments(idx, packed: Packed, cfg: SparsityConfig, segment: int):
     """The inverse map of idx, which queries selected each key block per KV head, cut into segments.
 
     Key blocks are numbered across the packed sequences (global block gb, NB of them); row hkv * NB + gb of the
@@ -388,13 +373,14 @@ def _block_segments(idx, packed: Packed, lengths: list[int], cfg: SparsityConfig
     """
     N, HKV, n = idx.shape
     device = idx.device
+    lengths = packed.lengths
     num_blocks = [-(-length // cfg.slc_block) for length in lengths]
     NB = sum(num_blocks)
     R = HKV * NB
-    nb = torch.tensor(num_blocks, dtype=torch.long, device=device)
+    nb = host_tensor(num_blocks, torch.long, device)
     block_start = torch.cumsum(nb, 0) - nb
     seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                           torch.tensor(lengths, dtype=torch.long, device=device), output_size=N)
+                                           host_tensor(lengths, torch.long, device), output_size=N)
     row = torch.arange(HKV, device=device)[None, :, None] * NB + block_start[seq_of_token][:, None, None] + idx.long()
     row = torch.where(idx >= 0, row, R).flatten()
     order = torch.argsort(row, stable=True)
@@ -450,7 +436,7 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     N, HQ, _ = q.shape
     HKV, DV = k.shape[1], v.shape[2]
     Q = _queries_per_step(HQ // HKV, QUERY_ROWS)
-    tiles, union, count = _chunks(idx, packed, _sequence_lengths(packed), Q)
+    tiles, union, count = _chunks(idx, packed, Q)
     launch = _launch_args(q, k, v, cfg)
     o = torch.empty(N, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
@@ -475,14 +461,13 @@ def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale
     N, HQ, DK = q.shape
     HKV, DV = k.shape[1], v.shape[2]
     G = HQ // HKV
-    lengths = _sequence_lengths(packed)
     delta = attention_delta(o, do)
     launch = _launch_args(q, k, v, cfg)
     scales = (scale * LOG2E, scale)
 
     dq = torch.empty_like(q)
     Q = _queries_per_step(G, QUERY_ROWS)
-    tiles, union, count = _chunks(idx, packed, lengths, Q)
+    tiles, union, count = _chunks(idx, packed, Q)
     _slc_bwd_dq_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, do, lse, delta, dq, idx, packed.cu_seqlens, tiles, union, count, *scales,
         NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
@@ -490,7 +475,7 @@ def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale
     )
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    blocks, queries, segments, row_slots, P = _block_segments(idx, packed, lengths, cfg, segment)
+    blocks, queries, segments, row_slots, P = _block_segments(idx, packed, cfg, segment)
     NB = blocks.shape[0]
     dk_part = torch.empty(max(P, 1), cfg.slc_block, DK, dtype=torch.float32, device=q.device)
     dv_part = torch.empty(max(P, 1), cfg.slc_block, DV, dtype=torch.float32, device=q.device)

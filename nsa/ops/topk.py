@@ -34,16 +34,17 @@ from .common import LOG2E, Packed, autotune_configs, dot_split, largest, load_sp
 from .compressed import group_program, group_tiling, num_visible
 
 # Compressed token slots per tile of the scoring product (16 blocks of the paper's knobs, 4 tokens each), and rows
-# (queries x heads of a group) per program. At 64k in the paper's configuration on the H200 the selection took
-# 14.4 ms with 128 rows and 128 slots, 13.1 ms with 256 rows and 64 slots (the smaller tile keeps the product's
-# operands in shared memory with twice the rows).
+# (queries x heads of a group) per program, in programs of four warps: about 100 KB of shared memory each, so two
+# run on one SM and one's product overlaps the other's exponentials, sums and merge. At 64k in the paper's
+# configuration on the H200 the selection took 11.0 ms with 256 rows in eight warps, 10.5 with 128 in four.
 BLOCK_N = 64
-BLOCK_M = 256
+BLOCK_M = 128
+NUM_WARPS = 4
 # Which bits of a row's index make its head within the group, and of a column's index the token within its block,
-# in order of preference: those the product's tile keeps in one thread's registers first (on Hopper with eight
-# warps, bits 3 and 7 of the row, 0, 3, 4 and 5 of the column), so that most of the sums over a query's heads and
-# over a block's tokens are additions in registers rather than shuffles between lanes.
-ROW_HEAD_BITS = (3, 7, 0, 1, 2, 4, 5, 6)
+# in order of preference: those the product's tile keeps in one thread's registers first (on Hopper with four
+# warps over 128 rows, bits 3 and 6 of the row, 0, 3, 4 and 5 of the column), so that most of the sums over a
+# query's heads and over a block's tokens are additions in registers rather than shuffles between lanes.
+ROW_HEAD_BITS = (3, 6, 0, 1, 2, 4, 5)
 COLUMN_TOKEN_BITS = (0, 3, 4, 5, 1, 2)
 
 
@@ -200,7 +201,7 @@ def _merge_keys(best, bar, key, NUM_SELECTED: tl.constexpr):
 
 
 def _configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
+    return autotune_configs([triton.Config({}, num_warps=NUM_WARPS, num_stages=s) for s in (2, 3)])
 
 
 @triton.autotune(configs=_configs(), key=["G_PAD", "BLOCK_DK", "BLOCK_DK2", "BJ", "R_PAD", "KP", "DOT_PREC"])

@@ -85,7 +85,7 @@ def test_block_segments_cover_the_inverse_map():
     lengths, HKV, segment = [50, 23, 80], 2, 6
     idx = torch.cat([draw_idx(L, HKV, SMALL, "random") for L in lengths]).to(DEVICE)
     packed = packed_inputs(lengths, 2, HKV, 16, 16, torch.float32)[-1]
-    blocks, queries, segments, row_slots, P = _block_segments(idx, packed, lengths, SMALL, segment)
+    blocks, queries, segments, row_slots, P = _block_segments(idx, packed, SMALL, segment)
     starts = [0, 50, 73]
     NB = blocks.shape[0]
     listed = {}

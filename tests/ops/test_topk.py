@@ -144,7 +144,7 @@ def test_select_blocks_rejects_bad_lse():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes and bfloat16 need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-# G = 64 leaves four queries per program (topk.BLOCK_M = 256 rows): the top-k and merges run on [4, N] key tiles.
+# G = 64 leaves two queries per program (topk.BLOCK_M = 128 rows): the top-k and merges run on [2, N] key tiles.
 @pytest.mark.parametrize("T, HQ, HKV, DK", [(8192, 64, 4, 192), (8192, 16, 1, 128), (5001, 12, 2, 64),
                                            (4099, 64, 1, 128)])
 def test_select_blocks_real_shapes_on_gpu(T, HQ, HKV, DK, dtype):
