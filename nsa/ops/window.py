@@ -63,12 +63,17 @@ def _program_tile(CU, TILES, H: tl.constexpr):
 @triton.jit
 def _query_tile(CU, TILES, window, HQ: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query head and tile of a forward or dq program, heads varying fastest so that the G heads of a group
-    read the same K/V tiles while they sit in L2. Returns (hkv, bos, L, offs_m, in_q, row_q, lo, hi): row_q in
-    the [N_tok * HQ, D] views, and the key tiles lo .. hi (BLOCK_N-aligned) that meet the tile's band."""
+    read the same K/V tiles while they sit in L2. Returns (hkv, bos, L, offs_m, in_q, row_q, lo, first, end, hi):
+    row_q in the [N_tok * HQ, D] views, and the key tiles lo .. hi (BLOCK_N-aligned from lo) that meet the tile's
+    band, of which those first .. end lie inside the band of every query of the tile and inside the sequence
+    (they need no mask): the band's lower edge lo .. first, its inside, its diagonal edge end .. hi."""
     hq, m0, bos, L = _program_tile(CU, TILES, HQ)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
-    return hq // G, bos, L, offs_m, offs_m < L, (bos + offs_m) * HQ + hq, lo, tl.minimum(m0 + BLOCK_M, L)
+    hi = tl.minimum(m0 + BLOCK_M, L)
+    first = tl.minimum(tl.maximum(lo, tl.cdiv(m0 + BLOCK_M - window, BLOCK_N) * BLOCK_N), hi)
+    end = tl.maximum(first, lo + (tl.minimum(m0 + 1, L) - lo) // BLOCK_N * BLOCK_N)
+    return hq // G, bos, L, offs_m, offs_m < L, (bos + offs_m) * HQ + hq, lo, first, end, hi
 
 
 @triton.jit
@@ -86,6 +91,43 @@ def _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK: tl.constexpr, DV:
     return ka, kb, va, vb, visible
 
 
+@triton.jit
+def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, start, stop, K, V, bos, L, offs_m, hkv, HKV, window, qk_scale,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr,
+               MASKED: tl.constexpr):
+    """The forward's online softmax over the key tiles start .. stop of the band, masked or not (_query_tile)."""
+    for n0 in range(start, stop, BLOCK_N):
+        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
+                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
+        if MASKED:
+            acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible,
+                                                        qk_scale, BLOCK_DK2, BLOCK_DV2, PRECISION)
+        else:
+            acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, None,
+                                                        qk_scale, BLOCK_DK2, BLOCK_DV2, PRECISION)
+    return acc_a, acc_b, m_i, l_i
+
+
+@triton.jit
+def _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, start, stop, K, V, bos, L, offs_m, hkv, HKV, window,
+              qk_scale, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+              BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr,
+              MASKED: tl.constexpr):
+    """dq's sum (unscaled) over the key tiles start .. stop of the band, masked or not (_query_tile)."""
+    for n0 in range(start, stop, BLOCK_N):
+        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
+                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
+        if MASKED:
+            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
+        else:
+            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, None, qk_scale,
+                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
+        dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
+    return dqa, dqb
+
+
 @triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -101,18 +143,23 @@ def _win_fwd_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):
-    hkv, bos, L, offs_m, in_q, row_q, lo, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
+    hkv, bos, L, offs_m, in_q, row_q, lo, first, end, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
     # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
     qa, qb = load_split(Q, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
 
     acc_a, acc_b = zeros_split(BLOCK_M, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HQ // G, window, DK, DV, BLOCK_N,
-                                             BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
-                                                    BLOCK_DK2, BLOCK_DV2, PRECISION)
+    # The band's lower edge, its inside (no mask), its diagonal edge.
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv, HQ // G,
+                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
+                                        PRECISION, True)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, end, K, V, bos, L, offs_m, hkv, HQ // G,
+                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
+                                        PRECISION, False)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv, HQ // G,
+                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
+                                        PRECISION, True)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
     ob, _ = softmax_finish(acc_b, m_i, l_i)
     # o_win enters the gated sum as stored, in the inputs' dtype, as o_cmp and o_slc do.
@@ -194,17 +241,17 @@ def _win_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    hkv, bos, L, offs_m, in_q, row_q, lo, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
+    hkv, bos, L, offs_m, in_q, row_q, lo, first, end, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
     qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, in_q, DK, DV, BLOCK_DK, BLOCK_DK2,
                                                    BLOCK_DV, BLOCK_DV2)
 
     dqa, dqb = zeros_split(BLOCK_M, BLOCK_DK, BLOCK_DK2)
-    for n0 in range(lo, hi, BLOCK_N):
-        ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HQ // G, window, DK, DV, BLOCK_N,
-                                             BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
-                                  BLOCK_DK2, BLOCK_DV2, PRECISION)
-        dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
+    dqa, dqb = _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, lo, first, K, V, bos, L, offs_m, hkv, HQ // G,
+                         window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2, PRECISION, True)
+    dqa, dqb = _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, first, end, K, V, bos, L, offs_m, hkv, HQ // G,
+                         window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2, PRECISION, False)
+    dqa, dqb = _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, end, hi, K, V, bos, L, offs_m, hkv, HQ // G,
+                         window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2, PRECISION, True)
     store_split(DQ, dqa * scale, dqb * scale, row_q, 0, 1, in_q, DK, BLOCK_DK, BLOCK_DK2)
 
 

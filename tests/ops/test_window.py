@@ -43,6 +43,7 @@ def run(lengths, HQ, HKV, DK, DV, window, dtype):
         ([66], 4, 1, 16, 32, 33, torch.float16),          # G = 4
         ([70], 2, 1, 144, 16, 20, torch.float32),         # DK = 128 + 16, past 128: narrower key tile for dk/dv
         ([81], 4, 2, 48, 48, 24, torch.float16),          # DK = DV = 32 + 16: dv and o in two parts too
+        ([300], 2, 1, 16, 16, 130, torch.float32),        # key tiles inside the band (no mask) between both edges
     ],
 )
 def test_window_matches_reference(lengths, HQ, HKV, DK, DV, window, dtype):
