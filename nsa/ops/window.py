@@ -100,12 +100,10 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, start, stop, K, V, bos, L, offs_m
     for n0 in range(start, stop, BLOCK_N):
         ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
                                              BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        if MASKED:
-            acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible,
-                                                        qk_scale, BLOCK_DK2, BLOCK_DV2, PRECISION)
-        else:
-            acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, None,
-                                                        qk_scale, BLOCK_DK2, BLOCK_DV2, PRECISION)
+        if not MASKED:
+            visible = None
+        acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
+                                                    BLOCK_DK2, BLOCK_DV2, PRECISION)
     return acc_a, acc_b, m_i, l_i
 
 
@@ -118,12 +116,10 @@ def _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, start, stop, K, V, bos, L
     for n0 in range(start, stop, BLOCK_N):
         ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
                                              BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        if MASKED:
-            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
-                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
-        else:
-            p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, None, qk_scale,
-                                      BLOCK_DK2, BLOCK_DV2, PRECISION)
+        if not MASKED:
+            visible = None
+        p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
+                                  BLOCK_DK2, BLOCK_DV2, PRECISION)
         dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
     return dqa, dqb
 
