@@ -1,9 +1,11 @@
 """Block importance (SPEC 3) and top-n block selection (SPEC 4) in one streaming pass, without a [T, Tc] or
 [T, T/l'] buffer.
 
-One program holds BLOCK_T queries of one KV group with all G heads of the group as the rows of its tiles
-(row r is query t0 + r // G_PAD, head r % G_PAD). It walks the selection blocks in tiles of BJ blocks, loading the
-R = l'/d compressed tokens that start in each block (padded to R_PAD, a power of two). For each tile it turns
+One program holds BLOCK_T queries of one KV group with all G heads of the group as the rows of its tiles: row r
+is head g of query t0 + q, g made of the bits of r in HEAD_BITS and q of the others (ROW_HEAD_BITS says which, so
+that the sum over a query's heads is mostly additions within a thread; sum_bits). It walks the selection blocks in
+tiles of BJ blocks, loading the R = l'/d compressed tokens that start in each block (padded to R_PAD, a power of
+two; column n holds token k of block j, k made of the bits of n in K_BITS, j of the others). For each tile it turns
 scale * q.k_cmp into the compressed branch's probabilities with cmp_fwd's lse, sums the G heads, and folds the
 sum into block scores on the CUDA cores in float32: SPEC 3's overlap ov(i, j) / d of token k of block m is w0[k]
 with block m and w1[k] = (k*d + l - l')^+ / d with block m + 1 (l <= l', so no token reaches further). The spill
