@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from nsa import reference
 from nsa.config import SparsityConfig
 from nsa.ops.compressed import cmp_fwd
 from nsa.ops.common import LOG2E
-from nsa.ops.topk import select_blocks
+from nsa.ops.topk import gather_bits, select_blocks, sum_bits
 from tests.inputs import DEVICE
 from tests.ops.test_compressed import SMALL, cmp_inputs, cmp_reference
 
@@ -155,3 +157,36 @@ def test_select_blocks_real_shapes_on_gpu(T, HQ, HKV, DK, dtype):
     idx = select_blocks(q, k_cmp, lse, packed, cfg, scale)
     S, ref_idx = reference_scores(q, k_cmp, packed, cfg, scale)
     assert_same_selection(idx, ref_idx, S, packed, cfg)
+
+
+@triton.jit
+def _sum_bits_kernel(X, OUT, IDX, M: tl.constexpr, N: tl.constexpr, MASK: tl.constexpr, AXIS: tl.constexpr,
+                     SIZE: tl.constexpr, NBITS: tl.constexpr):
+    x = tl.load(X + tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :])
+    y = sum_bits(x, MASK, AXIS)
+    tl.store(OUT + tl.arange(0, y.shape[0])[:, None] * y.shape[1] + tl.arange(0, y.shape[1])[None, :], y)
+    r = tl.arange(0, SIZE)
+    tl.store(IDX + r, gather_bits(r, MASK, NBITS))
+
+
+@pytest.mark.parametrize("M, N, mask, axis", [(16, 8, 0b1001, 0), (8, 32, 0b10110, 1), (32, 4, 0, 0), (4, 16, 0b1111, 1),
+                                             (128, 16, 0b1001011, 0)])
+def test_sum_bits_sums_the_masked_index_bits(M, N, mask, axis):
+    """sum_bits over the index bits in mask equals grouping the indices by their other bits (kept in order), and
+    gather_bits packs the masked bits of an index in ascending order."""
+    x = torch.randn(M, N, dtype=torch.float32, device=DEVICE)
+    size = (M, N)[axis]
+    keep = [i for i in range(size) if i & mask == 0]
+    out = torch.empty(M if axis else M // (size // len(keep)), N if not axis else len(keep), device=DEVICE)
+    idx = torch.empty(size, dtype=torch.int32, device=DEVICE)
+    _sum_bits_kernel[(1,)](x, out, idx, M, N, mask, axis, size, size.bit_length() - 1)
+    expected = torch.zeros_like(out)
+    bits = [b for b in range(size.bit_length() - 1) if mask >> b & 1]
+    for i in range(size):
+        target = keep.index(i & ~mask)
+        if axis == 0:
+            expected[target] += x[i]
+        else:
+            expected[:, target] += x[:, i]
+        assert idx[i].item() == sum(((i >> b) & 1) << n for n, b in enumerate(bits))
+    torch.testing.assert_close(out, expected)
