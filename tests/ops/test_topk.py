@@ -169,8 +169,10 @@ def _sum_bits_kernel(X, OUT, IDX, M: tl.constexpr, N: tl.constexpr, MASK: tl.con
     tl.store(IDX + r, gather_bits(r, MASK, NBITS))
 
 
-@pytest.mark.parametrize("M, N, mask, axis", [(16, 8, 0b1001, 0), (8, 32, 0b10110, 1), (32, 4, 0, 0), (4, 16, 0b1111, 1),
-                                             (128, 16, 0b1001011, 0)])
+@pytest.mark.parametrize(
+    "M, N, mask, axis",
+    [(16, 8, 0b1001, 0), (8, 32, 0b10110, 1), (32, 4, 0, 0), (4, 16, 0b1111, 1), (128, 16, 0b1001011, 0)],
+)
 def test_sum_bits_sums_the_masked_index_bits(M, N, mask, axis):
     """sum_bits over the index bits in mask equals grouping the indices by their other bits (kept in order), and
     gather_bits packs the masked bits of an index in ascending order."""
