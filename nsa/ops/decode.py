@@ -126,6 +126,17 @@ def cmp_split_kernel(
 
 
 @triton.jit
+def merge_partials(m, l, m_s, l_s):
+    """(m, l) of a base-2 softmax with the partial maxima m_s and sums l_s [splits, *m.shape] of more splits folded
+    in, and the factors that rescale the old accumulator (alpha) and each split's (beta [splits, *m.shape]).
+    Where every max is -inf the shift is 0, so that no inf - inf turns into NaN."""
+    m_new = tl.maximum(m, tl.max(m_s, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha, beta = tl.exp2(m - shift), tl.exp2(m_s - shift)
+    return m_new, l * alpha + tl.sum(l_s * beta, 0), alpha, beta
+
+
+@triton.jit
 def select_kernel(
     m_in, l_in, rec, spill_in, mt, cache_seqlens, keys_out, HKV, C, NSPLIT, NB_CAP, NT_CAP, SPAN, NSEL,
     G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
@@ -152,10 +163,7 @@ def select_kernel(
         ok = (c < NSPLIT)[:, None] & head_ok[None, :]
         m_c = tl.load(m_in + row, mask=ok, other=float("-inf"))
         l_c = tl.load(l_in + row, mask=ok, other=0.0)
-        m_new = tl.maximum(m_g, tl.max(m_c, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_g = l_g * tl.exp2(m_g - shift) + tl.sum(l_c * tl.exp2(m_c - shift[None, :]), 0)
-        m_g = m_new
+        m_g, l_g, _, _ = merge_partials(m_g, l_g, m_c, l_c)
     # A head that sees no compressed token gets lse = +inf: all its weights are 0 (SPEC 2: p = 0).
     lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))[:, None]
 
@@ -269,12 +277,8 @@ def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl
         m_s = tl.load(m_in + row, mask=ok, other=float("-inf"))
         l_s = tl.load(l_in + row, mask=ok, other=0.0)
         acc_s = tl.load(acc_in + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-        m_new = tl.maximum(m, tl.max(m_s, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp2(m - shift), tl.exp2(m_s - shift)
-        l = l * alpha + tl.sum(l_s * beta, 0)
+        m, l, alpha, beta = merge_partials(m, l, m_s, l_s)
         acc = acc * alpha + tl.sum(acc_s * beta[:, None], 0)
-        m = m_new
     return acc / tl.where(l == 0.0, 1.0, l)
 
 
