@@ -80,20 +80,27 @@ def gather_bits(x, MASK: tl.constexpr, NBITS: tl.constexpr):
 @triton.jit
 def sum_bits(x, MASK: tl.constexpr, AXIS: tl.constexpr):
     """x [M, N] (powers of two) summed over the indices of axis AXIS that differ only in the bits set in
-    MASK: the result's index along AXIS is gather_bits(index, ~MASK). Which bits a tile keeps in one thread's
-    registers and which across lanes or warps is the layout's; summing register bits costs additions only."""
+    MASK: the result's index along AXIS is gather_bits(index, ~MASK).
+
+    The tensor-core accumulators (mma v2 and v3) keep row bits 0-2 and column bits 1-2 of a tile across the lanes
+    of a warp and the other bits in a thread's registers (or across warps): the register bits are summed first,
+    with additions, so that fewer values are left to shuffle between lanes."""
     M: tl.constexpr = x.shape[0]
     N: tl.constexpr = x.shape[1]
     NBITS: tl.constexpr = _log2(x.shape[AXIS])
     if AXIS == 0:
         x = tl.reshape(x, [2] * NBITS + [N])
+        LANES: tl.constexpr = 0b111
     else:
         x = tl.reshape(x, [M] + [2] * NBITS)
-    # Bit b is axis AXIS + NBITS - 1 - b less the higher bits already summed. From the highest bit down: the
-    # row bits a Hopper tile keeps in registers (ROW_HEAD_BITS) lie above those it spreads over lanes, and
-    # summing registers first leaves fewer values to shuffle.
+        LANES: tl.constexpr = 0b110
+    # Bit b is axis AXIS + NBITS - 1 - b less the bits above it already summed.
+    REGS: tl.constexpr = MASK & ~LANES
     for b in tl.static_range(NBITS - 1, -1, -1):
-        if (MASK >> b) & 1:
+        if (REGS >> b) & 1:
+            x = tl.sum(x, AXIS + NBITS - 1 - b - _bits_above(REGS, b))
+    for b in tl.static_range(NBITS - 1, -1, -1):
+        if ((MASK & LANES) >> b) & 1:
             x = tl.sum(x, AXIS + NBITS - 1 - b - _bits_above(MASK, b))
     if AXIS == 0:
         x = tl.reshape(x, [x.numel // N, N])
