@@ -28,6 +28,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+# The package of the working directory (a copy with a variant compiles as such), before an installed one.
+sys.path.insert(0, os.getcwd())
+
 
 def compile_for_hopper(target: str, warps: int, stages: int, settings: list[str]):
     module, name = target.split(":")

@@ -113,7 +113,7 @@ def cmp_split_kernel(
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
         # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
-        score, spill = fold_blocks(p, k, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+        score, spill = fold_blocks(p, k, None, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
         tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
         tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
         tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)

@@ -110,18 +110,22 @@ def sum_bits(x, MASK: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
-def fold_blocks(p, k, K_BITS: tl.constexpr, R: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                SLC_BLOCK: tl.constexpr):
+def fold_blocks(p, k, spill_in, K_BITS: tl.constexpr, R: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr):
     """SPEC 3's fold of compressed-token weights into selection-block scores, on the CUDA cores in float32.
 
     p [M, N]: row m's weight of the tile's column n, which holds token k[n] of a block (the R = l'/d tokens
     starting in it, padded to a power of two); the block is the number the bits of n outside K_BITS make
     (sum_bits). Token k overlaps its own block by w0[k] * d and the next by w1[k] * d (l <= l', so no token
-    reaches further). Returns (score [M, BJ]: each block's own tokens plus what the previous block of the tile
-    spills into it; spill [M]: what the tile's last block spills into the block after the tile)."""
+    reaches further). spill_in [M] (or None): what the block before the tile spills into its first block.
+    Returns (score [M, BJ]: each block's own tokens plus what the previous block spills into it; spill [M]: what
+    the tile's last block spills into the block after the tile)."""
     w0 = tl.where(k < R, tl.minimum(k * CMP_STRIDE + CMP_BLOCK, SLC_BLOCK) - k * CMP_STRIDE, 0) / CMP_STRIDE
     score = sum_bits(p * w0[None, :], K_BITS, 1)
     BJ: tl.constexpr = score.shape[1]
+    if spill_in is not None:
+        # Added in the layout the sums leave, before the shifted spills join in another one: one conversion less.
+        score += tl.where(tl.arange(0, BJ)[None, :] == 0, spill_in[:, None], 0.0)
     if CMP_BLOCK > CMP_STRIDE:
         w1 = tl.where(k < R, tl.maximum(k * CMP_STRIDE + CMP_BLOCK - SLC_BLOCK, 0), 0) / CMP_STRIDE
         spills = sum_bits(p * w1[None, :], K_BITS, 1)
@@ -189,10 +193,8 @@ def _tile_keys(qa, qb, k_cmp, lse2, spill, j0, t, tq, jt, cmp0, num_cmp, kvh, HK
 
     # SPEC 3: S[t, j] = sum over heads and tokens of p[t, h, i] * ov(i, j) / d: the heads' sum first.
     p = sum_bits(p, HEAD_BITS, 0)
-    score, spill_out = fold_blocks(p, k, K_BITS, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
-    jj = tl.arange(0, BJ)
-    score += tl.where(jj[None, :] == 0, spill[:, None], 0.0)
-    j = j0 + jj
+    score, spill_out = fold_blocks(p, k, spill, K_BITS, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+    j = j0 + tl.arange(0, BJ)
     # SPEC 4: candidates j*l' <= t; forced: the first num_init and the num_local blocks ending at t.
     candidate = j[None, :] * SLC_BLOCK <= tq[:, None]
     return selection_keys(score, j[None, :], jt[:, None], candidate, NUM_INIT, NUM_LOCAL), spill_out
