@@ -208,11 +208,9 @@ def online_softmax(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 def softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
                        BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, PRECISION: tl.constexpr):
     """softmax_step over split head dimensions (split_dim): q, k in parts [*, BLOCK_DK] and [*, BLOCK_DK2],
-    v and acc in parts [*, BLOCK_DV] and [*, BLOCK_DV2]; visible None where every row sees every key. Returns the
-    updated (acc_a, acc_b, m_i, l_i)."""
+    v and acc in parts [*, BLOCK_DV] and [*, BLOCK_DV2]. Returns the updated (acc_a, acc_b, m_i, l_i)."""
     s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
-    if visible is not None:
-        s = tl.where(visible, s, float("-inf"))
+    s = tl.where(visible, s, float("-inf"))
     acc_a, m_i, l_i, p, alpha = online_softmax(acc_a, m_i, l_i, s, va, PRECISION)
     if BLOCK_DV2 > 0:
         acc_b = acc_b * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
@@ -272,14 +270,11 @@ def softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk
     """Probabilities p and score gradients dz of one key tile, z = scale * q.k (FlashAttention-2).
 
     q [M, DK], do [M, DV], k [N, DK], v [N, DV], each in the two parts of split_dim (a part of width 0 is never
-    read); lse2 [M] = lse * log2(e), delta [M] = rowsum(do * o); visible [M, N], None where every row sees
-    every key.
+    read); lse2 [M] = lse * log2(e), delta [M] = rowsum(do * o).
     Returns p, dz [M, N] float32; then dq = scale * dz k, dk = scale * dz^T q, dv = p^T do.
     """
     s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
-    p = tl.exp2(s - lse2[:, None])
-    if visible is not None:
-        p = tl.where(visible, p, 0.0)
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dp = dot_split(doa, dob, va, vb, BLOCK_DV2, PRECISION)
     return p, p * (dp - delta[:, None])
 

@@ -79,15 +79,19 @@ def _query_tile(CU, TILES, window, HQ: tl.constexpr, G: tl.constexpr, BLOCK_M: t
 @triton.jit
 def _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_DV2: tl.constexpr):
+               BLOCK_DV2: tl.constexpr, MASKED: tl.constexpr):
     """Keys n0 .. n0 + BLOCK_N of KV head hkv for the query rows offs_m: k and v in their column parts and the
-    band t - w < s <= t within the sequence."""
+    band t - w < s <= t within the sequence (all true without MASKED, for tiles inside every row's band: the
+    compiler drops the mask then)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_seq = offs_n < L
     row_kv = (bos + offs_n) * HKV + hkv
     ka, kb = load_split(K, row_kv, 0, 1, in_seq, DK, BLOCK_DK, BLOCK_DK2)
     va, vb = load_split(V, row_kv, 0, 1, in_seq, DV, BLOCK_DV, BLOCK_DV2)
-    visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
+    if MASKED:
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window) & in_seq[None, :]
+    else:
+        visible = tl.full([offs_m.shape[0], BLOCK_N], True, tl.int1)
     return ka, kb, va, vb, visible
 
 
@@ -99,9 +103,7 @@ def _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, start, stop, K, V, bos, L, offs_m
     """The forward's online softmax over the key tiles start .. stop of the band, masked or not (_query_tile)."""
     for n0 in range(start, stop, BLOCK_N):
         ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
-                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        if not MASKED:
-            visible = None
+                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2, MASKED)
         acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
                                                     BLOCK_DK2, BLOCK_DV2, PRECISION)
     return acc_a, acc_b, m_i, l_i
@@ -115,9 +117,7 @@ def _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, start, stop, K, V, bos, L
     """dq's sum (unscaled) over the key tiles start .. stop of the band, masked or not (_query_tile)."""
     for n0 in range(start, stop, BLOCK_N):
         ka, kb, va, vb, visible = _band_tile(K, V, n0, bos, L, offs_m, hkv, HKV, window, DK, DV, BLOCK_N, BLOCK_DK,
-                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2)
-        if not MASKED:
-            visible = None
+                                             BLOCK_DK2, BLOCK_DV, BLOCK_DV2, MASKED)
         p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                   BLOCK_DK2, BLOCK_DV2, PRECISION)
         dqa, dqb = dot_acc_split(dqa, dqb, dz.to(ka.dtype), ka, kb, BLOCK_DK2, PRECISION)
