@@ -20,9 +20,14 @@ from .compressed import cmp_bwd, cmp_fwd
 from .gates import gates_bwd
 from .selected import slc_bwd, slc_fwd
 from .topk import select_blocks
-from .window import win_bwd, win_fwd
+from .window import takes_local_blocks, win_bwd, win_fwd
 
 _KNOBS = ("cmp_block", "cmp_stride", "slc_block", "num_selected", "num_init", "num_local", "window")
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are views of the same elements in the same layout."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -41,9 +46,13 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     o_cmp, lse_cmp = cmp_fwd(qf, _flat(k_cmp), _flat(v_cmp), packed, cfg, scale)
     idx = select_blocks(qf, _flat(k_cmp), lse_cmp, packed, cfg, scale)
-    o_slc, lse_slc = slc_fwd(qf, kf, vf, idx, packed, cfg, scale)
+    # Where the window reads the selected branch's keys, the local blocks (forced into every selection) are
+    # added by the window forward, whose band ends with them: the selected branch reads num_local blocks fewer
+    # per query (2 of 16 in the paper's configuration).
+    local = takes_local_blocks(cfg) and _same(k_win, k) and _same(v_win, v)
+    o_slc, lse_slc = slc_fwd(qf, kf, vf, idx, packed, cfg, scale, skip_local=local)
     o_win, lse_win, o = win_fwd(qf, _flat(k_win), _flat(v_win), packed, cfg.window, scale,
-                                gated=(_flat(gates), o_cmp, o_slc))
+                                gated=(_flat(gates), o_cmp, o_slc), slc_rest=(lse_slc, cfg) if local else None)
     o = o.view(B, T, HQ, -1)
     return o, idx.view(B, T, k.shape[2], -1), o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win
 

@@ -91,33 +91,39 @@ def _chunk_program(TILES, CU, HKV: tl.constexpr, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV: tl.constexpr, NSEL: tl.constexpr,
-                     BLOCK_NSEL: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """(pointer to the chunk's ascending block list, its length): the query's own idx row where Q = 1 (no
-    union needed), else the union built by _chunk_blocks."""
+def _chunk_blocks_of(IDX, UNION, chunk, bos, t0, t_last, hkv, HKV: tl.constexpr, NSEL: tl.constexpr,
+                     LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_NSEL: tl.constexpr, SKIP: tl.constexpr):
+    """(pointer to the chunk's ascending block list, how many of its blocks the program visits): the query's own
+    idx row where Q = 1, else the union built by _chunk_blocks; the last SKIP blocks ending at the chunk's last
+    query are left out (SKIP = 0: none)."""
     if BLOCK_Q == 1:
         blocks = IDX + ((bos + t0) * HKV + hkv) * NSEL
-        offs = tl.arange(0, BLOCK_NSEL)
-        count = tl.sum((tl.load(blocks + offs, mask=offs < NSEL, other=-1) >= 0).to(tl.int32), 0)
     else:
         blocks = UNION + chunk * (BLOCK_Q * NSEL)
-        count = tl.load(COUNT + chunk)
-    return blocks, count
+    offs = tl.arange(0, BLOCK_Q * BLOCK_NSEL)
+    listed = tl.load(blocks + offs, mask=offs < BLOCK_Q * NSEL, other=-1)
+    # Padding (-1 in idx, NO_BLOCK in a union) falls outside [0, limit].
+    limit = t_last // LS - SKIP
+    return blocks, tl.sum(((listed >= 0) & (listed <= limit)).to(tl.int32), 0)
 
 
 @triton.jit
-def _chosen_rows(sel, blk, valid, BLOCK_Q: tl.constexpr):
-    """Which rows selected block blk: all real rows where the list is the query's own (Q = 1)."""
+def _chosen_rows(sel, blk, valid, t, LS: tl.constexpr, BLOCK_Q: tl.constexpr, SKIP: tl.constexpr):
+    """Which rows selected block blk, not counting the SKIP blocks ending at each row's query: all real rows
+    where the list is the query's own (Q = 1: _chunk_blocks_of already stops before those blocks)."""
     if BLOCK_Q == 1:
         chosen = valid
     else:
         chosen = tl.sum((sel == blk).to(tl.int32), 1) > 0
+        if SKIP > 0:
+            chosen = chosen & (blk <= t // LS - SKIP)
     return chosen
 
 
 @triton.jit
-def _chunk(IDX, UNION, COUNT, CU, TILES, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-           NSEL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_NSEL: tl.constexpr):
+def _chunk(IDX, UNION, CU, TILES, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+           NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_NSEL: tl.constexpr,
+           SKIP: tl.constexpr):
     """What a forward or dq program knows of its chunk before the first key: (hkv, bos, t, t_last, row_q, valid,
     sel, blocks, count): the M side's rows (_group_rows), each row's selection sel [M, BLOCK_NSEL] (-1 padded)
     and the chunk's block list (_chunk_blocks_of)."""
@@ -126,19 +132,20 @@ def _chunk(IDX, UNION, COUNT, CU, TILES, HQ: tl.constexpr, HKV: tl.constexpr, G:
     offs_sel = tl.arange(0, BLOCK_NSEL)
     sel = tl.load(IDX + ((bos + t) * HKV + hkv)[:, None] * NSEL + offs_sel[None, :],
                   mask=valid[:, None] & (offs_sel < NSEL)[None, :], other=-1)
-    blocks, count = _chunk_blocks_of(IDX, UNION, COUNT, chunk, bos, t0, hkv, HKV, NSEL, BLOCK_NSEL, BLOCK_Q)
+    blocks, count = _chunk_blocks_of(IDX, UNION, chunk, bos, t0, t_last, hkv, HKV, NSEL, LS, BLOCK_Q, BLOCK_NSEL,
+                                     SKIP)
     return hkv, bos, t, t_last, row_q, valid, sel, blocks, count
 
 
 @triton.jit
 def _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV: tl.constexpr, DK: tl.constexpr,
-                   DV: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                   DV: tl.constexpr, LS: tl.constexpr, SKIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
                    TILES_PER_BLOCK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr):
     """Step i of the flat loop over (block, key tile): k and v of the tile in their column parts and which
     (row, key) pairs attend (the row selected the block, the key is not after the row's query)."""
     blk = tl.load(blocks + i // TILES_PER_BLOCK)
-    chosen = _chosen_rows(sel, blk, valid, BLOCK_Q)
+    chosen = _chosen_rows(sel, blk, valid, t, LS, BLOCK_Q, SKIP)
     s = blk * LS + (i % TILES_PER_BLOCK) * BLOCK_S + tl.arange(0, BLOCK_S)
     # Keys after the chunk's last query are never visible: load nothing there (that also keeps loads inside
     # the sequence).
@@ -153,14 +160,14 @@ def _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV: tl.con
 @triton.autotune(configs=autotune_configs(_CHUNK_CONFIGS), key=["DK", "DV", "G", "LS"])
 @triton.jit
 def _slc_fwd_kernel(
-    Q, K, V, O, LSE, IDX, CU, TILES, UNION, COUNT, qk_scale,
+    Q, K, V, O, LSE, IDX, CU, TILES, UNION, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    NSEL: tl.constexpr, LS: tl.constexpr, SKIP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr,
+    BLOCK_S: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, COUNT, CU, TILES, HQ, HKV, G, GP,
-                                                                   NSEL, BLOCK_Q, BLOCK_NSEL)
+    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, CU, TILES, HQ, HKV, G, GP, NSEL, LS,
+                                                                   BLOCK_Q, BLOCK_NSEL, SKIP)
     # Rows of q, o and k, v are addressed in their [N_tok * H, D] views (head 0 of 1).
     qa, qb = load_split(Q, row_q, 0, 1, valid, DK, BLOCK_DK, BLOCK_DK2)
 
@@ -171,8 +178,8 @@ def _slc_fwd_kernel(
     # block would have one iteration at l' = 64 and nothing to overlap).
     for i in range(0, count * TILES_PER_BLOCK):
         ka, kb, va, vb, visible = _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV, DK, DV, LS,
-                                                 BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
-                                                 BLOCK_DV2)
+                                                 SKIP, BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2,
+                                                 BLOCK_DV, BLOCK_DV2)
         acc_a, acc_b, m_i, l_i = softmax_step_split(acc_a, acc_b, m_i, l_i, qa, qb, ka, kb, va, vb, visible, qk_scale,
                                                     BLOCK_DK2, BLOCK_DV2, PRECISION)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
@@ -184,15 +191,15 @@ def _slc_fwd_kernel(
 @triton.autotune(configs=autotune_configs(_CHUNK_CONFIGS), key=["DK", "DV", "G", "LS"])
 @triton.jit
 def _slc_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, COUNT, qk_scale, scale,
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, CU, TILES, UNION, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     NSEL: tl.constexpr, LS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_NSEL: tl.constexpr, BLOCK_S: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of a chunk: p recomputed from q, k and lse, dp from do and v, over the same blocks as the forward."""
-    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, COUNT, CU, TILES, HQ, HKV, G, GP,
-                                                                   NSEL, BLOCK_Q, BLOCK_NSEL)
+    hkv, bos, t, t_last, row_q, valid, sel, blocks, count = _chunk(IDX, UNION, CU, TILES, HQ, HKV, G, GP, NSEL, LS,
+                                                                   BLOCK_Q, BLOCK_NSEL, 0)
     qa, qb, doa, dob, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, row_q, valid, DK, DV, BLOCK_DK, BLOCK_DK2,
                                                    BLOCK_DV, BLOCK_DV2)
 
@@ -200,7 +207,7 @@ def _slc_bwd_dq_kernel(
     # One flat loop over (block, key tile), as in the forward, so that the next block's K/V is prefetched.
     for i in range(0, count * TILES_PER_BLOCK):
         ka, kb, va, vb, visible = _selected_tile(K, V, i, blocks, sel, valid, t, t_last, bos, hkv, HKV, DK, DV, LS,
-                                                 BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                                 0, BLOCK_Q, BLOCK_S, TILES_PER_BLOCK, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
                                                  BLOCK_DV2)
         p, dz = softmax_grad_step(qa, qb, doa, dob, lse2, delta, ka, kb, va, vb, visible, qk_scale,
                                   BLOCK_DK2, BLOCK_DV2, PRECISION)
@@ -331,7 +338,7 @@ def _check_idx(idx, q, k, cfg: SparsityConfig) -> None:
 def _chunk_blocks(idx, packed: Packed, tiles: torch.Tensor, Q: int):
     """Per chunk of Q consecutive queries (tiles [C, 2], Q > 1) and KV head, the union of their selected blocks.
 
-    Returns union int32 [C, HKV, Q * n] (ascending, NO_BLOCK after the last) and count int32 [C, HKV] (its size).
+    Returns union int32 [C, HKV, Q * n], ascending, NO_BLOCK after the last.
     """
     N, HKV, n = idx.shape
     cu = packed.cu_seqlens.long()
@@ -344,18 +351,14 @@ def _chunk_blocks(idx, packed: Packed, tiles: torch.Tensor, Q: int):
     blocks = torch.where(blocks < 0, NO_BLOCK, blocks).sort(dim=-1).values
     repeat = torch.zeros_like(blocks, dtype=torch.bool)
     repeat[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
-    blocks = torch.where(repeat, NO_BLOCK, blocks).sort(dim=-1).values
-    count = (blocks != NO_BLOCK).sum(dim=-1)
-    return blocks.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
+    return torch.where(repeat, NO_BLOCK, blocks).sort(dim=-1).values.to(torch.int32).contiguous()
 
 
 def _chunks(idx, packed: Packed, Q: int):
-    """(tiles, union, count) for the forward and dq kernels; at Q = 1 the kernels read idx itself and the
-    union tables are idx (never read) and an empty count."""
+    """(tiles, union) for the forward and dq kernels; at Q = 1 the kernels read idx itself and the union table
+    is idx (never read)."""
     tiles = query_tiles(packed, Q)
-    if Q == 1:
-        return tiles, idx, idx.new_zeros(1)
-    return (tiles, *_chunk_blocks(idx, packed, tiles, Q))
+    return tiles, idx if Q == 1 else _chunk_blocks(idx, packed, tiles, Q)
 
 
 def _block_segments(idx, packed: Packed, cfg: SparsityConfig, segment: int):
@@ -420,7 +423,8 @@ def _launch_args(q, k, v, cfg: SparsityConfig):
     )
 
 
-def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float, *, skip_local: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected-block attention (SPEC 5) on packed sequences.
 
     Args:
@@ -428,6 +432,8 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
         idx: [N_tok, HKV, n] int32, the selected blocks of each query (ascending, -1 after the last), block
             indices relative to the sequence start; query t sees the keys s <= t of blocks [j*l', (j+1)*l').
         packed: where the sequences lie (common.packed_layout); cfg: its slc_block l' and num_selected n count.
+        skip_local: leave out the cfg.num_local blocks ending at each query (SPEC 4 forces them into every
+            selection), which the window forward adds where it reads the same keys (win_fwd's slc_rest).
     Returns:
         o [N_tok, HQ, DV] in q's dtype and lse [N_tok, HQ] float32 (base e; +inf where nothing is visible).
     """
@@ -436,13 +442,13 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float) -> 
     N, HQ, _ = q.shape
     HKV, DV = k.shape[1], v.shape[2]
     Q = _queries_per_step(HQ // HKV, QUERY_ROWS)
-    tiles, union, count = _chunks(idx, packed, Q)
+    tiles, union = _chunks(idx, packed, Q)
     launch = _launch_args(q, k, v, cfg)
     o = torch.empty(N, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
     _slc_fwd_kernel[(tiles.shape[0] * HKV,)](
-        q, k, v, o, lse, idx, packed.cu_seqlens, tiles, union, count, scale * LOG2E,
-        NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
+        q, k, v, o, lse, idx, packed.cu_seqlens, tiles, union, scale * LOG2E,
+        NSEL=cfg.num_selected, SKIP=cfg.num_local if skip_local else 0, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
         TILES_PER_BLOCK=triton.cdiv(cfg.slc_block, launch["BLOCK_S"]), **launch,
     )
     return o, lse
@@ -467,9 +473,9 @@ def slc_bwd(do, q, k, v, o, lse, idx, packed: Packed, cfg: SparsityConfig, scale
 
     dq = torch.empty_like(q)
     Q = _queries_per_step(G, QUERY_ROWS)
-    tiles, union, count = _chunks(idx, packed, Q)
+    tiles, union = _chunks(idx, packed, Q)
     _slc_bwd_dq_kernel[(tiles.shape[0] * HKV,)](
-        q, k, v, do, lse, delta, dq, idx, packed.cu_seqlens, tiles, union, count, *scales,
+        q, k, v, do, lse, delta, dq, idx, packed.cu_seqlens, tiles, union, *scales,
         NSEL=cfg.num_selected, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
         TILES_PER_BLOCK=triton.cdiv(cfg.slc_block, launch["BLOCK_S"]), **launch,
     )

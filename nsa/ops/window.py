@@ -5,6 +5,12 @@ of them, whatever T is. The backward is FlashAttention-2's split: one kernel own
 sums over the G query heads of the group and the query tiles of the band (dk, dv without atomics, hence
 deterministic); another owns a query tile of one query head (dq). Head dimensions that are not powers of two
 run in two power-of-two parts (common.split_dim: 192 = 128 + 64) instead of padded.
+
+Where the window reads the selected branch's keys (k_win is k, the default), the forward also completes that
+branch: the num_local blocks every query selects (SPEC 4) end where its band ends, so the kernel visits those key
+tiles first, merges its softmax state after them with slc_fwd's output over the other blocks (skip_local) and
+writes the whole selected branch back before it gates; the selected branch loads num_local blocks fewer per query,
+and the window forward computes no score it would not have computed anyway.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import SparsityConfig
 from .common import (
     LOG2E,
     Packed,
@@ -35,6 +42,8 @@ from .common import (
 # Query tile of the forward and of dq: fixed because the host lays out the tiles. A small tile wastes
 # less of the band: each query visits the keys of (BLOCK_Q + w) / BLOCK_N tiles.
 BLOCK_Q = 64
+# The forward's widest key tile (its autotune configs).
+MAX_KEY_TILE = 64
 
 
 def _key_tile(DK: int) -> int:
@@ -124,6 +133,29 @@ def _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, start, stop, K, V, bos, L
     return dqa, dqb
 
 
+@triton.jit
+def _add_local_blocks(O_SLC, LSE_SLC, row_q, in_q, acc_a, acc_b, m_i, l_i, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_DV2: tl.constexpr):
+    """The selected branch over all its blocks, written over O_SLC and LSE_SLC, which hold it over the blocks
+    other than the local ones (slc_fwd's skip_local; lse +inf where there are none): merged with this kernel's
+    online softmax state over the local blocks (acc, m_i, l_i, base 2), as two partial softmaxes."""
+    rest_a, rest_b = load_split(O_SLC, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
+    lse_rest = tl.load(LSE_SLC + row_q, mask=in_q, other=float("inf"))
+    # The rest as a state of its own: acc = o, l = 1 at m = lse in base 2 (weight 0 where it is empty).
+    m_rest = tl.where(lse_rest == float("inf"), float("-inf"), lse_rest * 1.4426950408889634)
+    m = tl.maximum(m_i, m_rest)
+    alpha, beta = tl.exp2(m_i - m), tl.exp2(m_rest - m)
+    oa, lse = softmax_finish(acc_a * alpha[:, None] + rest_a.to(tl.float32) * beta[:, None], m, l_i * alpha + beta)
+    if BLOCK_DV2 > 0:
+        ob, _ = softmax_finish(acc_b * alpha[:, None] + rest_b.to(tl.float32) * beta[:, None], m, l_i * alpha + beta)
+    else:
+        ob = oa
+    store_split(O_SLC, oa, ob, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
+    tl.store(LSE_SLC + row_q, lse, mask=in_q)
+    # The epilogue reads these rows back, in other threads' layouts.
+    tl.debug_barrier()
+
+
 @triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -131,13 +163,16 @@ def _dq_tiles(dqa, dqb, qa, qb, doa, dob, lse2, delta, start, stop, K, V, bos, L
         triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]),
     key=["DK", "DV"],
+    # With SLC_LOCAL the kernel merges into o_slc and lse_slc in place: each config timed must start from them.
+    restore_value=["O_SLC", "LSE_SLC"],
 )
 @triton.jit
 def _win_fwd_kernel(
-    Q, K, V, O, LSE, CU, TILES, qk_scale, window, GATES, O_CMP, O_SLC, OUT,
+    Q, K, V, O, LSE, CU, TILES, qk_scale, window, GATES, O_CMP, O_SLC, LSE_SLC, OUT,
     HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
+    SLC_LOCAL: tl.constexpr, LS: tl.constexpr,
 ):
     hkv, bos, L, offs_m, in_q, row_q, lo, first, end, hi = _query_tile(CU, TILES, window, HQ, G, BLOCK_M, BLOCK_N)
     # Rows are addressed in the [N_tok * H, D] views of the tensors (head 0 of 1).
@@ -146,14 +181,26 @@ def _win_fwd_kernel(
     acc_a, acc_b = zeros_split(BLOCK_M, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # The band's lower edge, its inside (no mask), its diagonal edge.
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv, HQ // G,
+    # The band's diagonal edge, its inside (no mask), its lower edge, the inside split at `local`: the key tiles
+    # local .. hi are the SLC_LOCAL selection blocks ending at the tile's queries (the tile lies in one block, whose
+    # start is `end`), all inside the band, so the online softmax's state after them is the selected branch's over
+    # those blocks.
+    if SLC_LOCAL > 0:
+        local = tl.maximum((end // LS - SLC_LOCAL + 1) * LS, first)
+    else:
+        local = end
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv, HQ // G,
                                         window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
                                         PRECISION, True)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, end, K, V, bos, L, offs_m, hkv, HQ // G,
-                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
-                                        PRECISION, False)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv, HQ // G,
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, local, end, K, V, bos, L, offs_m, hkv,
+                                        HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                        BLOCK_DV2, PRECISION, False)
+    if SLC_LOCAL > 0:
+        _add_local_blocks(O_SLC, LSE_SLC, row_q, in_q, acc_a, acc_b, m_i, l_i, DV, BLOCK_DV, BLOCK_DV2)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, local, K, V, bos, L, offs_m, hkv,
+                                        HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                        BLOCK_DV2, PRECISION, False)
+    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv, HQ // G,
                                         window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
                                         PRECISION, True)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
@@ -256,7 +303,15 @@ def _check_window(window) -> None:
         raise ValueError(f"window must be a positive int, got {window!r}")
 
 
-def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None):
+def takes_local_blocks(cfg: SparsityConfig) -> bool:
+    """Whether win_fwd can add the selected branch's local blocks (slc_rest) under cfg: a query tile lies in one
+    selection block, a key tile (32 or 64 keys) in one block, and every local block's keys lie inside the band
+    of every query of the tile, after the band's masked lower edge."""
+    return (cfg.num_local > 0 and cfg.slc_block % BLOCK_Q == 0
+            and cfg.window >= cfg.num_local * cfg.slc_block + MAX_KEY_TILE)
+
+
+def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None, slc_rest=None):
     """Sliding-window attention (SPEC 6) on packed sequences, optionally closing NSA's forward (SPEC 7).
 
     Args:
@@ -265,6 +320,10 @@ def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None):
         window: w; query t attends the keys s of its own sequence with t - w < s <= t.
         gated: None, or (gates [N_tok, HQ, 3], o_cmp [N_tok, HQ, DV], o_slc [N_tok, HQ, DV]): then the kernel's
             epilogue also writes o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+        slc_rest: None, or (lse_slc [N_tok, HQ], cfg) with `gated`, where o_slc and lse_slc are slc_fwd's over the
+            blocks other than the local ones (skip_local) and k, v are the selected branch's too: the kernel adds
+            the local blocks (the key tiles its band ends with, whose scores it computes anyway) and overwrites
+            o_slc and lse_slc with the whole selected branch before it gates. Needs takes_local_blocks(cfg).
     Returns:
         o [N_tok, HQ, DV] in q's dtype and lse [N_tok, HQ] float32 (base e, of the scaled scores); with
         `gated`, (o_win, lse, o).
@@ -280,11 +339,19 @@ def win_fwd(q, k, v, packed: Packed, window: int, scale: float, gated=None):
     else:
         gates, o_cmp, o_slc = (x.contiguous() for x in gated)
         out = torch.empty_like(o)
+    lse_slc, local, slc_block = lse, 0, 1  # not read without slc_rest
+    if slc_rest is not None:
+        lse_slc, cfg = slc_rest
+        if gated is None or not takes_local_blocks(cfg) or cfg.window != window:
+            raise ValueError("slc_rest needs `gated` and a configuration that takes_local_blocks, of this window")
+        if not (gated[2].is_contiguous() and lse_slc.is_contiguous()):
+            raise ValueError("slc_rest: o_slc and lse_slc are written in place and must be contiguous")
+        local, slc_block = cfg.num_local, cfg.slc_block
     tiles = query_tiles(packed, BLOCK_Q)
     _win_fwd_kernel[(tiles.shape[0] * HQ,)](
-        q, k, v, o, lse, packed.cu_seqlens, tiles, scale * LOG2E, window, gates, o_cmp, o_slc, out,
+        q, k, v, o, lse, packed.cu_seqlens, tiles, scale * LOG2E, window, gates, o_cmp, o_slc, lse_slc, out,
         HQ, HQ // HKV, DK, DV, BLOCK_M=BLOCK_Q, PRECISION=dot_precision(q.dtype), GATED=gated is not None,
-        **split_blocks(DK, DV),
+        SLC_LOCAL=local, LS=slc_block, **split_blocks(DK, DV),
     )
     return (o, lse) if gated is None else (o, lse, out)
 

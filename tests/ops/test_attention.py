@@ -12,6 +12,8 @@ import torch
 
 import nsa
 from nsa import SparsityConfig, reference
+from nsa.ops import attention
+from nsa.ops.selected import slc_fwd
 from tests.inputs import DEVICE, knobs, make_inputs
 from tests.tolerance import assert_same_selection, assert_within_rule
 
@@ -43,12 +45,17 @@ def reference_scores(args, cfg, scale):
 
 def run_reference(args, grads_of, idx, cfg, scale, dtype):
     inputs = {n: args[n].detach().to(dtype).requires_grad_() for n in NAMES}
+    if args["k_win"] is args["k"]:
+        inputs.update(k_win=inputs["k"], v_win=inputs["v"])
     o, _ = reference.nsa_attention(*(inputs[n] for n in NAMES), cfg, scale, args.get("cu_seqlens"), block_indices=idx)
     return o, torch.autograd.grad(o, [inputs[n] for n in NAMES], grads_of.to(dtype))
 
 
-def check(B, T, HQ, HKV, DK, DV, cfg, dtype, seqlens=None):
+def check(B, T, HQ, HKV, DK, DV, cfg, dtype, seqlens=None, shared_win=False):
+    """shared_win: the window branch reads k and v (the same tensors), so their gradients are one sum."""
     args = make_inputs(B, T, HQ, HKV, DK, DV, cfg, dtype=dtype, device=DEVICE, seqlens=seqlens)
+    if shared_win:
+        args.update(k_win=args["k"], v_win=args["v"])
     for n in NAMES:
         args[n].requires_grad_(True)
     scale = 1 / math.sqrt(DK)
@@ -81,6 +88,21 @@ def test_triton_matches_reference(B, T, HQ, HKV, DK, DV, seqlens, dtype):
     check(B, T, HQ, HKV, DK, DV, TINY, dtype, seqlens)
 
 
+LOCAL = SparsityConfig(cmp_block=32, cmp_stride=16, slc_block=64, num_selected=4, num_init=1, num_local=2, window=192)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_on_the_selected_keys_adds_the_local_blocks(dtype, monkeypatch):
+    """With k_win, v_win = k, v and a configuration win_fwd can serve, the selected branch leaves its local blocks
+    to the window forward; the whole is checked against the reference as any other case."""
+    skipped = []
+    monkeypatch.setattr(attention, "slc_fwd", lambda *a, skip_local, **kw: skipped.append(skip_local)
+                        or slc_fwd(*a, skip_local=skip_local, **kw))
+    check(1, 390, 4, 2, 16, 32, LOCAL, dtype, seqlens=[300, 7, 83], shared_win=True)
+    check(1, 200, 4, 2, 16, 32, LOCAL, dtype)
+    assert skipped == [True, False]
+
+
 def test_deterministic_backward_is_bitwise_reproducible():
     args = make_inputs(1, 90, 4, 1, 16, 16, TINY, dtype=torch.float32, device=DEVICE)
     for n in NAMES:
@@ -107,11 +129,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @gpu
 @pytest.mark.parametrize(
-    "T, HQ, HKV, DK, DV",
-    [(4096, 64, 4, 192, 128), (2048, 32, 8, 128, 128), (3000, 16, 16, 64, 64), (2500, 12, 2, 128, 64)],
+    "T, HQ, HKV, DK, DV, shared_win",
+    [(4096, 64, 4, 192, 128, False), (4096, 64, 4, 192, 128, True), (2048, 32, 8, 128, 128, True),
+     (3000, 16, 16, 64, 64, False), (2500, 12, 2, 128, 64, False)],
 )
-def test_triton_matches_reference_on_gpu(T, HQ, HKV, DK, DV):
-    check(1, T, HQ, HKV, DK, DV, SparsityConfig(), torch.bfloat16)
+def test_triton_matches_reference_on_gpu(T, HQ, HKV, DK, DV, shared_win):
+    check(1, T, HQ, HKV, DK, DV, SparsityConfig(), torch.bfloat16, shared_win=shared_win)
 
 
 @gpu
