@@ -448,7 +448,8 @@ def slc_fwd(q, k, v, idx, packed: Packed, cfg: SparsityConfig, scale: float, *, 
     lse = torch.empty(N, HQ, dtype=torch.float32, device=q.device)
     _slc_fwd_kernel[(tiles.shape[0] * HKV,)](
         q, k, v, o, lse, idx, packed.cu_seqlens, tiles, union, scale * LOG2E,
-        NSEL=cfg.num_selected, SKIP=cfg.num_local if skip_local else 0, BLOCK_Q=Q, BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
+        NSEL=cfg.num_selected, SKIP=cfg.num_local if skip_local else 0, BLOCK_Q=Q,
+        BLOCK_NSEL=triton.next_power_of_2(cfg.num_selected),
         TILES_PER_BLOCK=triton.cdiv(cfg.slc_block, launch["BLOCK_S"]), **launch,
     )
     return o, lse

@@ -145,9 +145,10 @@ def _add_local_blocks(O_SLC, LSE_SLC, row_q, in_q, acc_a, acc_b, m_i, l_i, DV: t
     m_rest = tl.where(lse_rest == float("inf"), float("-inf"), lse_rest * 1.4426950408889634)
     m = tl.maximum(m_i, m_rest)
     alpha, beta = tl.exp2(m_i - m), tl.exp2(m_rest - m)
-    oa, lse = softmax_finish(acc_a * alpha[:, None] + rest_a.to(tl.float32) * beta[:, None], m, l_i * alpha + beta)
+    l = l_i * alpha + beta
+    oa, lse = softmax_finish(acc_a * alpha[:, None] + rest_a.to(tl.float32) * beta[:, None], m, l)
     if BLOCK_DV2 > 0:
-        ob, _ = softmax_finish(acc_b * alpha[:, None] + rest_b.to(tl.float32) * beta[:, None], m, l_i * alpha + beta)
+        ob, _ = softmax_finish(acc_b * alpha[:, None] + rest_b.to(tl.float32) * beta[:, None], m, l)
     else:
         ob = oa
     store_split(O_SLC, oa, ob, row_q, 0, 1, in_q, DV, BLOCK_DV, BLOCK_DV2)
@@ -182,9 +183,9 @@ def _win_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # The band's diagonal edge, its inside (no mask), its lower edge, the inside split at `local`: the key tiles
-    # local .. hi are the SLC_LOCAL selection blocks ending at the tile's queries (the tile lies in one block, whose
-    # start is `end`), all inside the band, so the online softmax's state after them is the selected branch's over
-    # those blocks.
+    # local .. hi are the SLC_LOCAL selection blocks ending at the tile's queries (the tile lies in one block; `end`
+    # is its first query), all inside the band, so the online softmax's state after them is the selected branch's
+    # over those blocks.
     if SLC_LOCAL > 0:
         local = tl.maximum((end // LS - SLC_LOCAL + 1) * LS, first)
     else:
