@@ -1,6 +1,6 @@
 """Compile one Triton kernel for Hopper (sm_90) without a GPU and summarize its code: shared memory, whether the
-loads are pipelined (async copies), tensor-core instructions, layout conversions, and the instructions between
-consecutive labels of the PTX (a loop's body, with any branch inside it that falls through).
+loads are pipelined (async copies), tensor-core instructions, layout conversions, registers and spills (ptxas), and
+the instructions between consecutive labels of the PTX (a loop's body, with any branch inside it that falls through).
 
     python3 benchmarks/kernel_ir.py OUT module:kernel WARPS STAGES NAME=VALUE ... NAME=:TYPE ...
 
@@ -21,10 +21,12 @@ import collections
 import importlib
 import os
 import re
+import subprocess
 import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
@@ -71,6 +73,15 @@ def block_histograms(ptx: str) -> list[tuple[str, collections.Counter]]:
     return blocks
 
 
+def register_usage(ptx_path: str) -> str:
+    """ptxas's verbose report for sm_90a: registers per thread and spills (Triton keeps them out of its metadata
+    until the kernel is loaded on a GPU)."""
+    report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx_path, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+    wanted = [line for line in report.splitlines() if "registers" in line or "spill" in line]
+    return "; ".join(line.split("info    : ")[-1].strip() for line in wanted)
+
+
 def main() -> None:
     out, target, warps, stages, *settings = sys.argv[1:]
     kernel = compile_for_hopper(target, int(warps), int(stages), settings)
@@ -82,6 +93,7 @@ def main() -> None:
     ttgir = kernel.asm["ttgir"]
     print(f"shared memory {kernel.metadata.shared} B, async copies {ttgir.count('async_copy_global_to_local')}, "
           f"wgmma {ttgir.count('warp_group_dot ')}, layout conversions {ttgir.count('convert_layout')}")
+    print(register_usage(os.path.join(out, "kernel.ptx")))
     for label, counts in block_histograms(kernel.asm["ptx"]):
         if sum(counts.values()) >= 50:
             print(f"{label:>12} {sum(counts.values()):5d}  " + " ".join(f"{k} {v}" for k, v in counts.most_common(12)))
