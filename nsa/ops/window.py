@@ -182,28 +182,36 @@ def _win_fwd_kernel(
     acc_a, acc_b = zeros_split(BLOCK_M, BLOCK_DV, BLOCK_DV2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # The band's diagonal edge, its inside (no mask), its lower edge, the inside split at `local`: the key tiles
-    # local .. hi are the SLC_LOCAL selection blocks ending at the tile's queries (the tile lies in one block; `end`
-    # is its first query), all inside the band, so the online softmax's state after them is the selected branch's
-    # over those blocks.
     if SLC_LOCAL > 0:
+        # The key tiles local .. hi are the SLC_LOCAL selection blocks ending at the tile's queries (the tile lies
+        # in one block; `end` is its first query), all inside the band: visited first, so that the online
+        # softmax's state after them is the selected branch's over those blocks. Then the rest of the band.
         local = tl.maximum((end // LS - SLC_LOCAL + 1) * LS, first)
-    else:
-        local = end
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv, HQ // G,
-                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
-                                        PRECISION, True)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, local, end, K, V, bos, L, offs_m, hkv,
-                                        HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
-                                        BLOCK_DV2, PRECISION, False)
-    if SLC_LOCAL > 0:
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, True)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, local, end, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, False)
         _add_local_blocks(O_SLC, LSE_SLC, row_q, in_q, acc_a, acc_b, m_i, l_i, DV, BLOCK_DV, BLOCK_DV2)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, local, K, V, bos, L, offs_m, hkv,
-                                        HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
-                                        BLOCK_DV2, PRECISION, False)
-    acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv, HQ // G,
-                                        window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV, BLOCK_DV2,
-                                        PRECISION, True)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, local, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, False)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, True)
+    else:
+        # The band's lower edge, its inside (no mask), its diagonal edge. (In the order above, ptxas spills here:
+        # 12 bytes per thread at the paper's shapes, none in this one.)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, lo, first, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, True)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, first, end, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, False)
+        acc_a, acc_b, m_i, l_i = _fwd_tiles(acc_a, acc_b, m_i, l_i, qa, qb, end, hi, K, V, bos, L, offs_m, hkv,
+                                            HQ // G, window, qk_scale, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DK2, BLOCK_DV,
+                                            BLOCK_DV2, PRECISION, True)
     oa, lse = softmax_finish(acc_a, m_i, l_i)
     ob, _ = softmax_finish(acc_b, m_i, l_i)
     # o_win enters the gated sum as stored, in the inputs' dtype, as o_cmp and o_slc do.
