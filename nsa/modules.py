@@ -30,8 +30,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: tor
     dtype is float32, or float64 for the float64 oracle. Computed from the positions on every call: there is no
     buffer to lose when a model is built on the meta device.
     """
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=position_ids.device, dtype=dtype) / dim)
-    angles = position_ids.to(dtype)[..., None] * inv_freq
+    # base ** (-2i / dim), i < dim / 2, in one operation: a decode step replays every operation as a kernel.
+    inv_freq = torch.logspace(0, -(dim - 2) / dim, dim // 2, base=base, device=position_ids.device, dtype=dtype)
+    angles = position_ids[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, :, None]
     return angles.cos(), angles.sin()
 
@@ -40,7 +41,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x [B, N, H, D] by the phases cos, sin [B, N, 1, D]; arithmetic in cos's dtype, x's dtype out."""
     xs = x.to(cos.dtype)
     x1, x2 = xs.chunk(2, dim=-1)
-    return (xs * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return torch.addcmul(xs * cos, torch.cat([-x2, x1], dim=-1), sin).to(x.dtype)
 
 
 def cmp_block_starts(seqlen: int, cfg: SparsityConfig, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
