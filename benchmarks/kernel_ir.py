@@ -9,7 +9,7 @@ i32, *fp32, *i32, ...); other arguments are taken as *bf16 pointers. Pointers ar
 Triton specializes them at run time (without that the loads are not vectorized and not pipelined). OUT receives
 the TTIR, TTGIR, LLVM IR and PTX. Example, the selection of the paper's configuration:
 
-    python3 benchmarks/kernel_ir.py /tmp/sel nsa.ops.topk:select_blocks_kernel 4 2 lse=:*fp32 idx=:*i32 \\
+    python3 benchmarks/kernel_ir.py out/sel nsa.ops.topk:select_blocks_kernel 4 2 lse=:*fp32 idx=:*i32 \\
         cu_seqlens=:*i32 cu_cmp=:*i32 scale2=:fp32 HKV=:i32 G=16 G_PAD=16 DK=192 BLOCK_DK=128 BLOCK_DK2=64 \\
         BLOCK_T=8 BJ=16 R_PAD=4 KP=16 HEAD_BITS=75 K_BITS=9 NUM_SELECTED=16 NUM_INIT=1 NUM_LOCAL=2 CMP_BLOCK=32 \\
         CMP_STRIDE=16 SLC_BLOCK=64 DOT_PREC=tf32
