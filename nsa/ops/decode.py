@@ -5,17 +5,18 @@ convention: cache_seqlens counts the tokens before this step's C, whose keys are
 all with grids fixed by the cache's capacity and every length read on the device, so that a decode step has no
 host synchronisation and can be captured in a CUDA graph:
 
-1. cmp_split: split-K over the compressed tokens (flash-decoding). Program (sequence, KV group, query tile,
-   chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
+1. cmp_win_split: split-K over the compressed tokens (flash-decoding), and beside it the sliding window, which
+   needs no selection, so its reads overlap the compressed stream. A compressed program (sequence, KV group, query
+   tile, chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
    TB selection blocks (BLOCK_N token slots), keeping the partial softmax (max m, sum l, unnormalised acc). Each
    tile also leaves a record: its blocks' scores sum_i exp2(s_hi - m_h) ov(i, j) / d folded on the CUDA cores
    (topk.fold_blocks), what its last block spills into the next tile, and the running max m_h they are
-   relative to.
-2. select: per (sequence, KV group, query) and span of blocks, the global lse of each head from the chunks'
-   (m, l); then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3), merged
-   into a running top n (SPEC 4; keys as in topk.py); each program writes its n best keys (KP slots).
-3. slc_win_split: merges the select programs' keys into the top n (and writes the selection), then splits the
-   selected blocks (a few per program) and the window tiles over programs; partial softmaxes.
+   relative to. A window program takes a share of its query tile's band and leaves a partial softmax.
+2. select: one program per (sequence, KV group, query): each head's global lse from the chunks' (m, l), then
+   S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3) for every block at once,
+   and SPEC 4's top n by bisection: the n-th largest score's bits found in 31 counting steps, ties at it taken
+   lowest block first, the chosen blocks written in ascending order by a prefix sum.
+3. slc_split: the selected blocks split over programs (a few each); partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
@@ -33,17 +34,16 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import LOG2E, dot_precision, largest, online_softmax, padded_dim, softmax_step
-from .topk import ascending_blocks, fold_blocks, selection_keys
+from .common import LOG2E, dot_precision, online_softmax, padded_dim, softmax_step
+from .topk import fold_blocks, selection_bits
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
 NUM_SMS = 132
-# Compressed token slots per tile of the cmp_split loop; keys per tile of the selected and window branches.
+# Compressed token slots per tile of the compressed stream; keys per tile of the selected and window branches.
 BLOCK_N = 64
 BLOCK_S = 64
-# Blocks per step of a select program, and at most this many select programs per query.
-SELECT_BLOCKS = 128
-SELECT_PROGRAMS = 16
+# Selection blocks per compressed chunk, at most.
+MAX_CHUNK_BLOCKS = 128
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
@@ -62,19 +62,19 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 
 
 @triton.jit
-def cmp_split_kernel(
-    q, k_cmp, v_cmp, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out, qk_scale, HKV, C, CMP_CAP,
-    NSPLIT, NB_CAP, NT_CAP,
+def cmp_win_split_kernel(
+    q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
+    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP, WIN_MAX_PAGES, NSW, NSLC,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+    WT: tl.constexpr, BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     chunk = tl.program_id(2)
     HQ = HKV * G
-    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     ROWS: tl.constexpr = QT * G_PAD
     r = tl.arange(0, ROWS)
     qi = tl.program_id(1) * QT + r // G_PAD
@@ -83,46 +83,65 @@ def cmp_split_kernel(
     past = tl.load(cache_seqlens + b)
     t = past + qi
     end = past + C
-    num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
 
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     q_offs = ((b * C + qi).to(tl.int64) * HQ + kvh * G + g)[:, None] * DK + dk[None, :]
     q_tile = tl.load(q + q_offs, mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
-    n = tl.arange(0, TB * R_PAD)
-    k = n % R_PAD
-    jj = tl.arange(0, TB)
-    rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)
     st = qi < C
-
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    tile0 = chunk * TILES
-    for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
-        i = (tile * TB + n // R_PAD) * R + k
-        # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
-        in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
-        kv_row = (b.to(tl.int64) * CMP_CAP + i) * HKV + kvh
-        kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
-        vt = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
-        # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
-        visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
-        s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
-        # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
-        score, spill = fold_blocks(p, k, None, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
-        tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
-        tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
-        tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
-
-    # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
-    srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g
-    tl.store(m_out + srow, m_i, mask=st)
-    tl.store(l_out + srow, l_i, mask=st)
-    tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
+    if chunk < NSPLIT:
+        R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+        num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
+        # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
+        n = tl.arange(0, TB * R_PAD)
+        k = n % R_PAD
+        jj = tl.arange(0, TB)
+        rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)
+        tile0 = chunk * TILES
+        for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
+            i = (tile * TB + n // R_PAD) * R + k
+            # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
+            in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
+            kv_row = (b.to(tl.int64) * CMP_CAP + i) * HKV + kvh
+            kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :],
+                         other=0.0)
+            vt = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :],
+                         other=0.0)
+            s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
+            # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
+            visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
+            s = tl.where(visible, s, float("-inf"))
+            acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
+            # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
+            score, spill = fold_blocks(p, k, None, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+            tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
+            tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
+            tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
+        # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
+        srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g
+        tl.store(m_out + srow, m_i, mask=st)
+        tl.store(l_out + srow, l_i, mask=st)
+        tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
+    else:
+        # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
+        w = chunk - NSPLIT
+        ks = tl.arange(0, BLOCK_S)
+        s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
+        for s0 in range(0, WT, BLOCK_S):
+            s = s_first + s0 + ks
+            ok = (s0 + ks < WT) & (s >= 0) & (s < end)
+            rows = (token_rows(win_table, b, s, WIN_MAX_PAGES, WIN_PAGE) * HKV + kvh)[:, None]
+            kt = tl.load(k_win + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
+            vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+            visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
+        srow = ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g
+        tl.store(sw_m + srow, m_i, mask=st)
+        tl.store(sw_l + srow, l_i, mask=st)
+        tl.store(sw_acc + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
@@ -138,21 +157,20 @@ def merge_partials(m, l, m_s, l_s):
 
 @triton.jit
 def select_kernel(
-    m_in, l_in, rec, spill_in, mt, cache_seqlens, keys_out, HKV, C, NSPLIT, NB_CAP, NT_CAP, SPAN, NSEL,
-    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
+    m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
+    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
     KP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
+    kvh = bh % HKV
     qi = tl.program_id(1)
-    sp = tl.program_id(2)
     past = tl.load(cache_seqlens + b)
     t = past + qi
     num_cmp = tl.maximum((past + C - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     g = tl.arange(0, G_PAD)
-    head_ok = g < G
 
     # The global log-sum-exp (base 2) of every head over all chunks.
     m_g = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -160,49 +178,63 @@ def select_kernel(
     for c0 in range(0, NSPLIT, SPLIT_T):
         c = c0 + tl.arange(0, SPLIT_T)
         row = (bh.to(tl.int64) * NSPLIT + c)[:, None] * (C * G_PAD) + qi * G_PAD + g[None, :]
-        ok = (c < NSPLIT)[:, None] & head_ok[None, :]
+        ok = (c < NSPLIT)[:, None] & (g < G)[None, :]
         m_c = tl.load(m_in + row, mask=ok, other=float("-inf"))
         l_c = tl.load(l_in + row, mask=ok, other=0.0)
         m_g, l_g, _, _ = merge_partials(m_g, l_g, m_c, l_c)
     # A head that sees no compressed token gets lse = +inf: all its weights are 0 (SPEC 2: p = 0).
-    lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))[:, None]
+    lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))
 
     # SPEC 3: S[j] = sum over heads of each tile's record scaled by exp2(m_tile - lse), plus the previous tile's
-    # spill into its first block. Top-n keys and their running merge as in topk.py.
-    rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)[:, None]
+    # spill into its first block; every block of the capacity at once, as [tiles, blocks of a tile].
     jt = t // SLC_BLOCK
-    jj = tl.arange(0, SB)
-    col = jj[None, :]
-    best = tl.full([1, SB], -1, tl.int64)
-    bar = tl.full([], -1, tl.int64)
-    for j0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, jt + 1), SB):
-        j = j0 + jj
-        tile = j // TB
-        have = head_ok[:, None] & ((j <= jt) & (j < NB_CAP) & (tile * TB * R < num_cmp))[None, :]
-        part = tl.load(rec + rec_row * NB_CAP + j[None, :], mask=have, other=0.0)
-        m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :], mask=have, other=float("-inf"))
-        score = tl.sum(part * tl.exp2(m_t - lse2), 0)
+    tiles = tl.arange(0, NB_PAD // TB)
+    first = tiles * TB
+    tile_ok = (first <= jt) & (first < NB_CAP) & (first * R < num_cmp)
+    j2 = first[:, None] + tl.arange(0, TB)[None, :]
+    have = tile_ok[:, None] & (j2 <= jt) & (j2 < NB_CAP)
+    enter = tile_ok & (tiles > 0)
+    score = tl.zeros([NB_PAD // TB, TB], tl.float32)
+    for h in range(G):
+        lse_h = tl.sum(tl.where(g == h, lse2, 0.0), 0)
+        row = ((bh * C + qi) * G_PAD + h).to(tl.int64)
+        part = tl.load(rec + row * NB_CAP + j2, mask=have, other=0.0)
+        m_t = tl.load(mt + row * NT_CAP + tiles, mask=tile_ok, other=float("-inf"))
+        score += part * tl.exp2(m_t - lse_h)[:, None]
         if CMP_BLOCK > CMP_STRIDE:
-            enter = have & ((j % TB == 0) & (j > 0))[None, :]
-            part = tl.load(spill_in + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=0.0)
-            m_t = tl.load(mt + rec_row * NT_CAP + tile[None, :] - 1, mask=enter, other=float("-inf"))
-            score += tl.sum(part * tl.exp2(m_t - lse2), 0)
-        key = selection_keys(score, j, jt, j * SLC_BLOCK <= t, NUM_INIT, NUM_LOCAL)[None, :]
-        # Most steps hold no block that beats the current n-th best: skip their merge.
-        if tl.max(tl.max(key, 1), 0) > bar:
-            best = largest(tl.reshape(tl.join(best, key), [1, 2 * SB]), NUM_SELECTED, SB, -1)
-            bar = tl.max(tl.max(tl.where(col == NUM_SELECTED - 1, best, -1), 1), 0)
-    tl.store(keys_out + ((bh * C + qi) * NSEL + sp).to(tl.int64) * KP + col, best, mask=col < KP)
+            part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter, other=0.0)
+            m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter, other=float("-inf"))
+            score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
+    score = tl.reshape(score, [NB_PAD])
+    j = tl.arange(0, NB_PAD)
+    bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
+
+    # SPEC 4's top n: `lo` ends as the n-th largest bits (or 0 where fewer blocks are candidates). Invariant:
+    # at least n blocks have bits >= lo, or lo = 0; fewer than n have bits >= hi.
+    lo = tl.zeros([], tl.int32)
+    hi = lo + 0x7F800001
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= NUM_SELECTED
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo
+    ties = bits == lo
+    need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+    # Ascending blocks, then -1.
+    out = idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), 0) - 1, j, mask=chosen)
+    slot = tl.arange(0, KP)
+    tl.store(out + slot, -1, mask=(slot >= tl.sum(chosen.to(tl.int32), 0)) & (slot < NUM_SELECTED))
 
 
 @triton.jit
-def slc_win_split_kernel(
-    q, k, v, k_win, v_win, block_table, win_table, cache_seqlens, keys, idx, m_out, l_out, acc_out, qk_scale,
-    HKV, C, MAX_PAGES, WIN_MAX_PAGES, NSW, NSEL,
-    G: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr, WIN_PAGE: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BPS: tl.constexpr,
-    NSLC: tl.constexpr, WT: tl.constexpr, KP: tl.constexpr, NSEL_PAD: tl.constexpr, PRECISION: tl.constexpr,
+def slc_split_kernel(
+    q, k, v, block_table, cache_seqlens, idx, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSW,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, BPS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -222,45 +254,25 @@ def slc_win_split_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    if sp < NSLC:
-        # SPEC 4: the top n of the select programs' top KP keys (descending), block j in each key's low word.
-        col = tl.arange(0, NSEL_PAD * KP)[None, :]
-        part = tl.load(keys + ((bh * C + qi) * NSEL).to(tl.int64) * KP + col, mask=col < NSEL * KP, other=-1)
-        best = largest(part, NUM_SELECTED, KP, -1)
-        slot = tl.arange(0, KP)[None, :]
-        if sp == 0:
-            # The selection for the caller.
-            tl.store(idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + slot,
-                     ascending_blocks(best, NUM_SELECTED), mask=slot < NUM_SELECTED)
-        # SPEC 5: the keys s <= t of this program's share of the selected blocks.
-        for n_slot in tl.static_range(BPS):
-            key = tl.max(tl.max(tl.where(slot == sp * BPS + n_slot, best, -1), 1), 0)
-            j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
-            if j >= 0:
-                for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
-                    s = j * SLC_BLOCK + s0 + ks
-                    ok = (s0 + ks < SLC_BLOCK) & (s <= t)
-                    rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
-                    kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-                    vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-                    acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
-                                                 qk_scale, PRECISION)
-    else:
-        # SPEC 6: this program's tile of the band t - w < s <= t.
-        w0 = t - WINDOW + 1 + (sp - NSLC) * WT
-        for s0 in tl.static_range(0, WT, BLOCK_S):
-            s = w0 + s0 + ks
-            ok = (s0 + ks < WT) & (s >= 0) & (s <= t) & (s > t - WINDOW)
-            rows = (token_rows(win_table, b, s, WIN_MAX_PAGES, WIN_PAGE) * HKV + kvh)[:, None]
-            kt = tl.load(k_win + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-            vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
-                                         qk_scale, PRECISION)
+    # SPEC 5: the keys s <= t of this program's share of the selected blocks.
+    blocks = idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + sp * BPS
+    for n_slot in tl.static_range(BPS):
+        j = tl.load(blocks + n_slot, mask=sp * BPS + n_slot < NUM_SELECTED, other=-1)
+        if j >= 0:
+            for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
+                s = j * SLC_BLOCK + s0 + ks
+                ok = (s0 + ks < SLC_BLOCK) & (s <= t)
+                rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
+                kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
+                vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+                acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
+                                             qk_scale, PRECISION)
 
-    srow = ((bh.to(tl.int64) * C + qi) * NSW + sp) * ROWS + g
-    tl.store(m_out + srow, m_i)
-    tl.store(l_out + srow, l_i)
-    tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=(dv < DV)[None, :])
+    srow = ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g
+    st = g < G_PAD
+    tl.store(m_out + srow, m_i, mask=st)
+    tl.store(l_out + srow, l_i, mask=st)
+    tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
@@ -285,7 +297,7 @@ def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl
 @triton.jit
 def combine_kernel(
     cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, NSPLIT, NSW,
-    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSLC: tl.constexpr, SPLIT_T: tl.constexpr,
 ):
     # One program per query head: (sequence, KV group, query) and the head g of the group.
@@ -297,9 +309,9 @@ def combine_kernel(
     dv = tl.arange(0, BLOCK_DV)
     o_cmp = merge_splits(cmp_m, cmp_l, cmp_acc, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD) + qi * G_PAD + g,
                          C * G_PAD, dv, DV, SPLIT_T)
-    row0 = (bh.to(tl.int64) * C + qi) * NSW * ROWS + g
-    o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, row0, ROWS, dv, DV, SPLIT_T)
-    o_win = merge_splits(sw_m, sw_l, sw_acc, NSLC, NSW, row0, ROWS, dv, DV, SPLIT_T)
+    row0 = (bh.to(tl.int64) * C + qi) * NSW * G_PAD + g
+    o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, row0, G_PAD, dv, DV, SPLIT_T)
+    o_win = merge_splits(sw_m, sw_l, sw_acc, NSLC, NSW, row0, G_PAD, dv, DV, SPLIT_T)
     # SPEC 7, in the epilogue: no separate elementwise passes over the branch outputs.
     head = (b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g
     g_cmp = tl.load(gates + head * 3).to(tl.float32)
@@ -330,33 +342,22 @@ class SplitPlan(NamedTuple):
     stay static."""
 
     r_pad: int  # the l'/d compressed tokens starting in a selection block, padded to a power of two
-    tb: int  # selection blocks per tile of cmp_split (BLOCK_N token slots)
+    tb: int  # selection blocks per tile of the compressed stream (BLOCK_N token slots)
     jc: int  # selection blocks per compressed chunk (a multiple of tb)
     nsplit: int  # compressed chunks
-    kp: int  # keys each select program keeps: next_power_of_2(n)
-    sb: int  # blocks per step of a select program
-    span: int  # blocks per select program (a multiple of sb)
-    nsel: int  # select programs per query
-    bps: int  # selected blocks per program of slc_win_split
-    wt: int  # window keys per program of slc_win_split
+    bps: int  # selected blocks per program of slc_split
+    wt: int  # window keys per window program
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
-    """About two programs per SM for the compressed chunks and the selected and window tiles; at most
-    SELECT_PROGRAMS select programs per query, each keeping its top KP keys for slc_win_split to merge."""
+    """About two programs per SM for the compressed chunks and the selected and window tiles."""
     target = 2 * NUM_SMS
     r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
     tb = max(1, BLOCK_N // r_pad)
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
-    jc = min(max(jc, 16, tb), max(128, tb))
-    kp = max(2, triton.next_power_of_2(cfg.num_selected))
-    sb = max(SELECT_BLOCKS, kp)
-    steps = -(-slc_capacity // sb)
-    nsel = min(SELECT_PROGRAMS, steps)
-    span = sb * -(-steps // nsel)
+    jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
     few = batch_heads * (cfg.num_selected + cfg.window // BLOCK_S) < target
-    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), kp, sb, span, -(-steps // (span // sb)),
-                     1 if few else 2, BLOCK_S if few else 2 * BLOCK_S)
+    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), 1 if few else 2, BLOCK_S if few else 2 * BLOCK_S)
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -435,36 +436,37 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     spill = torch.empty(B * HKV, rows, nt_cap, **f32)
     mt = torch.empty(B * HKV, rows, nt_cap, **f32)
     qk_scale = scale * LOG2E
-    cmp_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit)](
-        q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, qk_scale, HKV, C, k_cmp.shape[1],
-        plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
-        SLC_BLOCK=cfg.slc_block, PRECISION=precision, num_warps=4,
-    )
-    keys = torch.empty(B * HKV, C, plan.nsel, plan.kp, dtype=torch.int64, device=dev)
-    select_kernel[(B * HKV, C, plan.nsel)](
-        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, keys, HKV, C, plan.nsplit, nb_cap, nt_cap, plan.span,
-        plan.nsel, G=G, G_PAD=G_PAD, SPLIT_T=SPLIT_T, SB=plan.sb, TB=plan.tb, KP=plan.kp, NUM_SELECTED=n,
-        NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
-        SLC_BLOCK=cfg.slc_block, num_warps=4,
+    # The selected and window branches' partial softmaxes: nslc programs of selected blocks, then the window's.
+    nslc = -(-n // plan.bps)
+    nwin = -(-(cfg.window + QT - 1) // plan.wt)
+    nsw = nslc + nwin
+    sw_m = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
+    sw_l = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
+    sw_acc = torch.empty(B * HKV, C, nsw, G_PAD, DV, **f32)
+    cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit + nwin)](
+        q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m, sw_l,
+        sw_acc, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap, win_max_pages, nsw, nslc,
+        G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad,
+        TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
+        WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=4,
     )
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
-    ROWS = max(16, G_PAD)
-    nslc = -(-n // plan.bps)
-    nsw = nslc + -(-cfg.window // plan.wt)
-    sw_m = torch.empty(B * HKV, C, nsw, ROWS, **f32)
-    sw_l = torch.empty(B * HKV, C, nsw, ROWS, **f32)
-    sw_acc = torch.empty(B * HKV, C, nsw, ROWS, DV, **f32)
-    slc_win_split_kernel[(B * HKV, C, nsw)](
-        q, k, v, k_win, v_win, table, win_table, cache_seqlens, keys, idx, sw_m, sw_l, sw_acc, qk_scale,
-        HKV, C, max_pages, win_max_pages, nsw, plan.nsel, G=G, ROWS=ROWS, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
-        BLOCK_DV=BLOCK_DV, BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page,
-        WIN_PAGE=win_page, NUM_SELECTED=n, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, BPS=plan.bps, NSLC=nslc,
-        WT=plan.wt, KP=plan.kp, NSEL_PAD=triton.next_power_of_2(plan.nsel), PRECISION=precision, num_warps=4,
+    nb_pad = triton.next_power_of_2(nb_cap)
+    select_kernel[(B * HKV, C)](
+        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
+        SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), NUM_SELECTED=n,
+        NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
+        SLC_BLOCK=cfg.slc_block, num_warps=max(4, min(16, nb_pad // 512)),
+    )
+    slc_split_kernel[(B * HKV, C, nslc)](
+        q, k, v, table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G, G_PAD=G_PAD,
+        ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
+        SLC_BLOCK=cfg.slc_block, BPS=plan.bps, PRECISION=precision, num_warps=4,
     )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
     combine_kernel[(B * HKV, C, G)](
-        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, plan.nsplit, nsw, G=G, G_PAD=G_PAD, ROWS=ROWS,
-        DV=DV, BLOCK_DV=BLOCK_DV, NSLC=nslc, SPLIT_T=SPLIT_T, num_warps=4,
+        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, plan.nsplit, nsw, G=G, G_PAD=G_PAD, DV=DV,
+        BLOCK_DV=BLOCK_DV, NSLC=nslc, SPLIT_T=SPLIT_T, num_warps=4,
     )
     return (o, idx) if return_indices else o

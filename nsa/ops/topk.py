@@ -139,15 +139,22 @@ def fold_blocks(p, k, spill_in, K_BITS: tl.constexpr, R: tl.constexpr, CMP_BLOCK
 
 
 @triton.jit
-def selection_keys(score, j, jt, candidate, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
-    """SPEC 4's int64 top-n keys of blocks j (score, j, jt and candidate broadcast together): the float32 score's
-    bits high, 2^31 - 1 - j low; the forced blocks (the first NUM_INIT, the NUM_LOCAL ending at block jt) +inf's
-    bits; -1 where a block is no candidate."""
+def selection_bits(score, j, jt, candidate, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """SPEC 4's order of blocks j as int32 (score, j, jt and candidate broadcast together): the float32 score's
+    bits, which order non-negative floats as integers; the forced blocks (the first NUM_INIT, the NUM_LOCAL ending
+    at block jt) +inf's bits; -1 where a block is no candidate. Equal bits rank the smaller j first."""
     forced = (j < NUM_INIT) | ((j <= jt) & (j > jt - NUM_LOCAL))
     # A score that rounds to -0.0 would read as a negative key: zero it.
     bits = tl.where(score > 0, score.to(tl.int32, bitcast=True), 0)
-    bits = tl.where(forced, 0x7F800000, bits).to(tl.int64)
-    return tl.where(candidate, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
+    return tl.where(candidate, tl.where(forced, 0x7F800000, bits), -1)
+
+
+@triton.jit
+def selection_keys(score, j, jt, candidate, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """SPEC 4's int64 top-n keys of blocks j, distinct per row: selection_bits high, 2^31 - 1 - j low; -1 where a
+    block is no candidate."""
+    bits = selection_bits(score, j, jt, candidate, NUM_INIT, NUM_LOCAL)
+    return tl.where(bits >= 0, (bits.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
 
 
 @triton.jit

@@ -141,13 +141,11 @@ MANY_ROWS = (SMALL, [600, 577, 512, 449, 390, 333, 260, 129], 4, 4, 2, 16, 16, 6
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], MANY_ROWS],
                          ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}-B{len(c[1])}")
-def test_small_tiles_and_many_select_programs(case, monkeypatch):
+def test_small_tiles_and_many_splits(case, monkeypatch):
     """Tiles of 16 token slots (several per compressed chunk, so spills cross tiles inside a chunk and between
-    chunks), select programs of a few 8-block steps each (merged by slc_win_split), and partial softmaxes
-    merged two splits at a time."""
+    chunks), window programs of 16 keys, and partial softmaxes merged two splits at a time."""
     monkeypatch.setattr(decode, "BLOCK_N", 16)
-    monkeypatch.setattr(decode, "SELECT_BLOCKS", 8)
-    monkeypatch.setattr(decode, "SELECT_PROGRAMS", 2)
+    monkeypatch.setattr(decode, "BLOCK_S", 16)
     monkeypatch.setattr(decode, "SPLIT_T", 2)
     assert_decode_equals_reference(case, torch.float32)
 
@@ -173,6 +171,18 @@ def test_layouts_agree_exactly():
     for o, idx in outs[1:]:
         assert torch.equal(idx, outs[0][1])
         torch.testing.assert_close(o, outs[0][0], rtol=1e-6, atol=1e-6)
+
+
+def test_exact_ties_go_to_the_smaller_block():
+    """Zero compressed keys give every compressed token the same probability, so whole blocks' scores tie exactly:
+    the selection must take the smallest tied blocks (SPEC 4), as the reference does, with zero-score candidates
+    (blocks no compressed token has reached yet) last."""
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [600, 301, 150, 37], 2, 4, 2, 16, 16, 640
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32)
+    full["k_cmp"].zero_()
+    _, idx = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, "contiguous", capacity)
+    _, idx_ref, _ = reference_rows(full, lengths, C, cfg, torch.float64, 0.25)
+    assert torch.equal(idx, idx_ref)
 
 
 def test_refuses_a_short_window_ring():
