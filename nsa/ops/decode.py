@@ -45,9 +45,7 @@ BLOCK_S = 64
 # Selection blocks per compressed chunk, at most.
 MAX_CHUNK_BLOCKS = 128
 # Splits merged per step where partial softmaxes combine.
-SPLIT_T = 2
-# Heads whose block-score records the selection loads together.
-HEAD_GROUP = 4
+SPLIT_T = 16
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
 
@@ -64,134 +62,27 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 
 
 @triton.jit
-def merge_partials(m, l, m_s, l_s):
-    """(m, l) of a base-2 softmax with the partial maxima m_s and sums l_s [splits, *m.shape] of more splits folded
-    in, and the factors that rescale the old accumulator (alpha) and each split's (beta [splits, *m.shape]).
-    Where every max is -inf the shift is 0, so that no inf - inf turns into NaN."""
-    m_new = tl.maximum(m, tl.max(m_s, 0))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha, beta = tl.exp2(m - shift), tl.exp2(m_s - shift)
-    return m_new, l * alpha + tl.sum(l_s * beta, 0), alpha, beta
-
-
-@triton.jit
-def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, g, dv, G: tl.constexpr, DV: tl.constexpr,
-                 SPLIT_T: tl.constexpr):
-    """(m, l, o [G_PAD, BLOCK_DV]) of the G heads' softmaxes whose partial (m, l, acc) lie at rows
-    row0 + split * split_stride + g for the splits first .. last - 1, SPLIT_T at a time; o = 0 where no split saw
-    a key."""
-    m = tl.full([g.shape[0]], float("-inf"), tl.float32)
-    l = tl.zeros([g.shape[0]], tl.float32)
-    acc = tl.zeros([g.shape[0], dv.shape[0]], tl.float32)
-    for s0 in range(first, last, SPLIT_T):
-        sp = s0 + tl.arange(0, SPLIT_T)
-        ok = (sp < last)[:, None] & (g < G)[None, :]
-        row = row0 + sp.to(tl.int64)[:, None] * split_stride + g[None, :]
-        m_s = tl.load(m_in + row, mask=ok, other=float("-inf"))
-        l_s = tl.load(l_in + row, mask=ok, other=0.0)
-        acc_s = tl.load(acc_in + row[:, :, None] * DV + dv[None, None, :],
-                        mask=ok[:, :, None] & (dv < DV)[None, None, :], other=0.0)
-        m, l, alpha, beta = merge_partials(m, l, m_s, l_s)
-        acc = acc * alpha[:, None] + tl.sum(acc_s * beta[:, :, None], 0)
-    return m, l, acc / tl.where(l == 0.0, 1.0, l)[:, None]
-
-
-@triton.jit
-def last_to_finish(counter, parties):
-    """True in the one program of `parties` sharing the int32 counter that arrives last, after the others' stores
-    are visible to it: a barrier orders the program's own stores before the release of its increment (CUDA's
-    threadfence reduction), the increment's acquire orders the last program's loads after everyone's stores."""
-    tl.debug_barrier()
-    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == parties - 1
-
-
-@triton.jit
-def select_blocks(lse2, rec, spill_in, mt, idx_out, rec_row0, t, num_cmp, NB_CAP, NT_CAP,
-                  G: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr, KP: tl.constexpr,
-                  HEAD_GROUP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                  SLC_BLOCK: tl.constexpr):
-    """SPEC 3-4 for the query at t: writes its n selected blocks (ascending, then -1) at idx_out.
-
-    lse2 [G_PAD]: each head's base-2 log-sum-exp over the compressed tokens (+inf for a head that sees none);
-    rec_row0 + h: head h's row of the tile records."""
-    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    g = tl.arange(0, lse2.shape[0])
-    # S[j] = sum over heads of each tile's record scaled by exp2(m_tile - lse), plus the previous tile's spill into
-    # its first block; every block of the capacity at once, as [tiles, blocks of a tile].
-    jt = t // SLC_BLOCK
-    tiles = tl.arange(0, NB_PAD // TB)
-    first = tiles * TB
-    tile_ok = (first <= jt) & (first < NB_CAP) & (first * R < num_cmp)
-    j2 = first[:, None] + tl.arange(0, TB)[None, :]
-    have = tile_ok[:, None] & (j2 <= jt) & (j2 < NB_CAP)
-    enter = tile_ok & (tiles > 0)
-    score = tl.zeros([NB_PAD // TB, TB], tl.float32)
-    for h0 in range(0, G, HEAD_GROUP):
-        # A group of heads' loads issued together: one memory latency per group, not per head.
-        for dh in tl.static_range(HEAD_GROUP):
-            h = h0 + dh
-            lse_h = tl.sum(tl.where(g == h, lse2, 0.0), 0)
-            row = rec_row0 + h
-            ok = h < G
-            part = tl.load(rec + row * NB_CAP + j2, mask=have & ok, other=0.0)
-            m_t = tl.load(mt + row * NT_CAP + tiles, mask=tile_ok & ok, other=float("-inf"))
-            score += part * tl.exp2(m_t - lse_h)[:, None]
-            if CMP_BLOCK > CMP_STRIDE:
-                part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter & ok, other=0.0)
-                m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter & ok, other=float("-inf"))
-                score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
-    score = tl.reshape(score, [NB_PAD])
-    j = tl.arange(0, NB_PAD)
-    bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
-
-    # SPEC 4's top n: `lo` ends as the n-th largest bits (or 0 where fewer blocks are candidates). Invariant:
-    # at least n blocks have bits >= lo, or lo = 0; fewer than n have bits >= hi.
-    lo = tl.zeros([], tl.int32)
-    hi = lo + 0x7F800001
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= NUM_SELECTED
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    above = bits > lo
-    ties = bits == lo
-    need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
-    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
-    # Ascending blocks, then -1.
-    tl.store(idx_out + tl.cumsum(chosen.to(tl.int32), 0) - 1, j, mask=chosen)
-    slot = tl.arange(0, KP)
-    tl.store(idx_out + slot, -1, mask=(slot >= tl.sum(chosen.to(tl.int32), 0)) & (slot < NUM_SELECTED))
-
-
-@triton.jit
-def cmp_win_select_kernel(
-    q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, gates, m_out, l_out, acc_out, rec_out, spill_out,
-    mt_out, sw_m, sw_l, sw_acc, idx, o_part, counter, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP,
-    WIN_MAX_PAGES, NWIN,
+def cmp_win_split_kernel(
+    q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
+    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP, WIN_MAX_PAGES, NSW, NSLC,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
-    NB_PAD: tl.constexpr, KP: tl.constexpr, HEAD_GROUP: tl.constexpr, SPLIT_T: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, CMP_BLOCK: tl.constexpr,
-    CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, WT: tl.constexpr,
-    BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+    WT: tl.constexpr, BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
-    qt = tl.program_id(1)
     chunk = tl.program_id(2)
     HQ = HKV * G
     ROWS: tl.constexpr = QT * G_PAD
     r = tl.arange(0, ROWS)
-    qi = qt * QT + r // G_PAD
+    qi = tl.program_id(1) * QT + r // G_PAD
     g = r % G_PAD
     row_ok = (qi < C) & (g < G)
     past = tl.load(cache_seqlens + b)
     t = past + qi
     end = past + C
-    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-    num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
 
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -202,6 +93,8 @@ def cmp_win_select_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     if chunk < NSPLIT:
+        R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+        num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
         # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
         n = tl.arange(0, TB * R_PAD)
         k = n % R_PAD
@@ -227,7 +120,7 @@ def cmp_win_select_kernel(
             tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
             tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
             tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
-        # Every chunk writes its rows, empty ones too (m = -inf, zeros): the merges need no emptiness test.
+        # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
         srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g
         tl.store(m_out + srow, m_i, mask=st)
         tl.store(l_out + srow, l_i, mask=st)
@@ -236,7 +129,7 @@ def cmp_win_select_kernel(
         # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
         w = chunk - NSPLIT
         ks = tl.arange(0, BLOCK_S)
-        s_first = past + qt * QT - WINDOW + 1 + w * WT
+        s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
         for s0 in range(0, WT, BLOCK_S):
             s = s_first + s0 + ks
             ok = (s0 + ks < WT) & (s >= 0) & (s < end)
@@ -245,41 +138,103 @@ def cmp_win_select_kernel(
             vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
             visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
             acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
-        srow = ((bh.to(tl.int64) * C + qi) * NWIN + w) * G_PAD + g
+        srow = ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g
         tl.store(sw_m + srow, m_i, mask=st)
         tl.store(sw_l + srow, l_i, mask=st)
         tl.store(sw_acc + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
 
-    if last_to_finish(counter + bh * tl.num_programs(1) + qt, NSPLIT + NWIN):
-        # The last of the query tile's programs: each query's selection, and its compressed and window branches
-        # merged and gated (SPEC 7) into o_part, which the selected branch's last program completes.
-        gh = tl.arange(0, G_PAD)
-        for qq in range(qt * QT, tl.minimum(qt * QT + QT, C)):
-            m, l, o_cmp = merge_splits(m_out, l_out, acc_out, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD)
-                                       + qq * G_PAD, C * G_PAD, gh, dv, G, DV, SPLIT_T)
-            # A head that sees no compressed token gets lse = +inf: all its weights are 0 (SPEC 2: p = 0).
-            lse2 = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
-            select_blocks(lse2, rec_out, spill_out, mt_out, idx + ((b * C + qq).to(tl.int64) * HKV + kvh) * NUM_SELECTED,
-                          ((bh * C + qq) * G_PAD).to(tl.int64), past + qq, num_cmp, NB_CAP, NT_CAP, G, NB_PAD, TB,
-                          KP, HEAD_GROUP, NUM_SELECTED, NUM_INIT, NUM_LOCAL, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
-            _, _, o_win = merge_splits(sw_m, sw_l, sw_acc, 0, NWIN, (bh.to(tl.int64) * C + qq) * NWIN * G_PAD,
-                                       G_PAD, gh, dv, G, DV, SPLIT_T)
-            head = (b * C + qq).to(tl.int64) * HQ + kvh * G + gh
-            g_cmp = tl.load(gates + head * 3, mask=gh < G, other=0.0).to(tl.float32)
-            g_win = tl.load(gates + head * 3 + 2, mask=gh < G, other=0.0).to(tl.float32)
-            out = g_cmp[:, None] * o_cmp + g_win[:, None] * o_win
-            prow = (bh.to(tl.int64) * C + qq) * G_PAD + gh
-            tl.store(o_part + prow[:, None] * DV + dv[None, :], out, mask=(dv < DV)[None, :])
+
+@triton.jit
+def merge_partials(m, l, m_s, l_s):
+    """(m, l) of a base-2 softmax with the partial maxima m_s and sums l_s [splits, *m.shape] of more splits folded
+    in, and the factors that rescale the old accumulator (alpha) and each split's (beta [splits, *m.shape]).
+    Where every max is -inf the shift is 0, so that no inf - inf turns into NaN."""
+    m_new = tl.maximum(m, tl.max(m_s, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha, beta = tl.exp2(m - shift), tl.exp2(m_s - shift)
+    return m_new, l * alpha + tl.sum(l_s * beta, 0), alpha, beta
 
 
 @triton.jit
-def slc_combine_kernel(
-    q, k, v, block_table, cache_seqlens, gates, idx, sw_m, sw_l, sw_acc, o_part, o, counter, qk_scale, HKV, C,
-    MAX_PAGES, NSLC,
+def select_kernel(
+    m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
+    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
+    KP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    kvh = bh % HKV
+    qi = tl.program_id(1)
+    past = tl.load(cache_seqlens + b)
+    t = past + qi
+    num_cmp = tl.maximum((past + C - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    g = tl.arange(0, G_PAD)
+
+    # The global log-sum-exp (base 2) of every head over all chunks.
+    m_g = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_g = tl.zeros([G_PAD], tl.float32)
+    for c0 in range(0, NSPLIT, SPLIT_T):
+        c = c0 + tl.arange(0, SPLIT_T)
+        row = (bh.to(tl.int64) * NSPLIT + c)[:, None] * (C * G_PAD) + qi * G_PAD + g[None, :]
+        ok = (c < NSPLIT)[:, None] & (g < G)[None, :]
+        m_c = tl.load(m_in + row, mask=ok, other=float("-inf"))
+        l_c = tl.load(l_in + row, mask=ok, other=0.0)
+        m_g, l_g, _, _ = merge_partials(m_g, l_g, m_c, l_c)
+    # A head that sees no compressed token gets lse = +inf: all its weights are 0 (SPEC 2: p = 0).
+    lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))
+
+    # SPEC 3: S[j] = sum over heads of each tile's record scaled by exp2(m_tile - lse), plus the previous tile's
+    # spill into its first block; every block of the capacity at once, as [tiles, blocks of a tile].
+    jt = t // SLC_BLOCK
+    tiles = tl.arange(0, NB_PAD // TB)
+    first = tiles * TB
+    tile_ok = (first <= jt) & (first < NB_CAP) & (first * R < num_cmp)
+    j2 = first[:, None] + tl.arange(0, TB)[None, :]
+    have = tile_ok[:, None] & (j2 <= jt) & (j2 < NB_CAP)
+    enter = tile_ok & (tiles > 0)
+    score = tl.zeros([NB_PAD // TB, TB], tl.float32)
+    for h in range(G):
+        lse_h = tl.sum(tl.where(g == h, lse2, 0.0), 0)
+        row = ((bh * C + qi) * G_PAD + h).to(tl.int64)
+        part = tl.load(rec + row * NB_CAP + j2, mask=have, other=0.0)
+        m_t = tl.load(mt + row * NT_CAP + tiles, mask=tile_ok, other=float("-inf"))
+        score += part * tl.exp2(m_t - lse_h)[:, None]
+        if CMP_BLOCK > CMP_STRIDE:
+            part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter, other=0.0)
+            m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter, other=float("-inf"))
+            score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
+    score = tl.reshape(score, [NB_PAD])
+    j = tl.arange(0, NB_PAD)
+    bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
+
+    # SPEC 4's top n: `lo` ends as the n-th largest bits (or 0 where fewer blocks are candidates). Invariant:
+    # at least n blocks have bits >= lo, or lo = 0; fewer than n have bits >= hi.
+    lo = tl.zeros([], tl.int32)
+    hi = lo + 0x7F800001
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= NUM_SELECTED
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo
+    ties = bits == lo
+    need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+    # Ascending blocks, then -1.
+    out = idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), 0) - 1, j, mask=chosen)
+    slot = tl.arange(0, KP)
+    tl.store(out + slot, -1, mask=(slot >= tl.sum(chosen.to(tl.int32), 0)) & (slot < NUM_SELECTED))
+
+
+@triton.jit
+def slc_split_kernel(
+    q, k, v, block_table, cache_seqlens, idx, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSW,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, BPS: tl.constexpr, SPLIT_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, BPS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -312,24 +267,58 @@ def slc_combine_kernel(
                 vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
                 acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
                                              qk_scale, PRECISION)
-    srow0 = (bh.to(tl.int64) * C + qi) * NSLC * G_PAD
-    srow = srow0 + sp * G_PAD + g
-    st = g < G_PAD
-    tl.store(sw_m + srow, m_i, mask=st)
-    tl.store(sw_l + srow, l_i, mask=st)
-    tl.store(sw_acc + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
 
-    if last_to_finish(counter + bh * C + qi, NSLC):
-        # SPEC 7: the selected branch, gated, completes the other two's o_part.
-        gh = tl.arange(0, G_PAD)
-        _, _, o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, srow0, G_PAD, gh, dv, G, DV, SPLIT_T)
-        head = (b * C + qi).to(tl.int64) * HQ + kvh * G + gh
-        g_slc = tl.load(gates + head * 3 + 1, mask=gh < G, other=0.0).to(tl.float32)
-        prow = (bh.to(tl.int64) * C + qi) * G_PAD + gh
-        out = tl.load(o_part + prow[:, None] * DV + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
-        out += g_slc[:, None] * o_slc
-        tl.store(o + head[:, None] * DV + dv[None, :], out.to(o.dtype.element_ty),
-                 mask=(gh < G)[:, None] & (dv < DV)[None, :])
+    srow = ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g
+    st = g < G_PAD
+    tl.store(m_out + srow, m_i, mask=st)
+    tl.store(l_out + srow, l_i, mask=st)
+    tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl.constexpr, SPLIT_T: tl.constexpr):
+    """o [DV] of the softmax whose partial (m, l, acc) lie at row0 + split * split_stride for the splits
+    first .. last - 1, SPLIT_T at a time; 0 where no split saw a key."""
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], tl.float32)
+    acc = tl.zeros([dv.shape[0]], tl.float32)
+    for s0 in range(first, last, SPLIT_T):
+        sp = s0 + tl.arange(0, SPLIT_T)
+        ok = sp < last
+        row = row0 + sp.to(tl.int64) * split_stride
+        m_s = tl.load(m_in + row, mask=ok, other=float("-inf"))
+        l_s = tl.load(l_in + row, mask=ok, other=0.0)
+        acc_s = tl.load(acc_in + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        m, l, alpha, beta = merge_partials(m, l, m_s, l_s)
+        acc = acc * alpha + tl.sum(acc_s * beta[:, None], 0)
+    return acc / tl.where(l == 0.0, 1.0, l)
+
+
+@triton.jit
+def combine_kernel(
+    cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, NSPLIT, NSW,
+    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NSLC: tl.constexpr, SPLIT_T: tl.constexpr,
+):
+    # One program per query head: (sequence, KV group, query) and the head g of the group.
+    bh = tl.program_id(0)
+    b = bh // HKV
+    kvh = bh % HKV
+    qi = tl.program_id(1)
+    g = tl.program_id(2)
+    dv = tl.arange(0, BLOCK_DV)
+    o_cmp = merge_splits(cmp_m, cmp_l, cmp_acc, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD) + qi * G_PAD + g,
+                         C * G_PAD, dv, DV, SPLIT_T)
+    row0 = (bh.to(tl.int64) * C + qi) * NSW * G_PAD + g
+    o_slc = merge_splits(sw_m, sw_l, sw_acc, 0, NSLC, row0, G_PAD, dv, DV, SPLIT_T)
+    o_win = merge_splits(sw_m, sw_l, sw_acc, NSLC, NSW, row0, G_PAD, dv, DV, SPLIT_T)
+    # SPEC 7, in the epilogue: no separate elementwise passes over the branch outputs.
+    head = (b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g
+    g_cmp = tl.load(gates + head * 3).to(tl.float32)
+    g_slc = tl.load(gates + head * 3 + 1).to(tl.float32)
+    g_win = tl.load(gates + head * 3 + 2).to(tl.float32)
+    out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
+    tl.store(o + head * DV + dv, out.to(o.dtype.element_ty), mask=dv < DV)
 
 
 def _check(name, x, shape, meaning):
@@ -447,34 +436,37 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     spill = torch.empty(B * HKV, rows, nt_cap, **f32)
     mt = torch.empty(B * HKV, rows, nt_cap, **f32)
     qk_scale = scale * LOG2E
+    # The selected and window branches' partial softmaxes: nslc programs of selected blocks, then the window's.
+    nslc = -(-n // plan.bps)
     nwin = -(-(cfg.window + QT - 1) // plan.wt)
-    win_m = torch.empty(B * HKV, C, nwin, G_PAD, **f32)
-    win_l = torch.empty(B * HKV, C, nwin, G_PAD, **f32)
-    win_acc = torch.empty(B * HKV, C, nwin, G_PAD, DV, **f32)
-    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
-    o_part = torch.empty(B * HKV, C, G_PAD, DV, **f32)
-    nqt = triton.cdiv(C, QT)
-    # Arrival counters: of each query tile's compressed and window programs, then of each query's selected ones.
-    counters = torch.zeros(B * HKV * (nqt + C), dtype=torch.int32, device=dev)
-    nb_pad = triton.next_power_of_2(nb_cap)
-    cmp_win_select_kernel[(B * HKV, nqt, plan.nsplit + nwin)](
-        q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, gates, cmp_m, cmp_l, cmp_acc, rec, spill, mt, win_m,
-        win_l, win_acc, idx, o_part, counters, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap,
-        win_max_pages, nwin, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb,
-        R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, NB_PAD=nb_pad, KP=triton.next_power_of_2(n),
-        HEAD_GROUP=min(HEAD_GROUP, G_PAD), SPLIT_T=SPLIT_T, NUM_SELECTED=n, NUM_INIT=cfg.num_init,
-        NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
+    nsw = nslc + nwin
+    sw_m = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
+    sw_l = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
+    sw_acc = torch.empty(B * HKV, C, nsw, G_PAD, DV, **f32)
+    cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit + nwin)](
+        q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m, sw_l,
+        sw_acc, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap, win_max_pages, nsw, nslc,
+        G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad,
+        TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
         WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=4,
     )
-    nslc = -(-n // plan.bps)
-    slc_m = torch.empty(B * HKV, C, nslc, G_PAD, **f32)
-    slc_l = torch.empty(B * HKV, C, nslc, G_PAD, **f32)
-    slc_acc = torch.empty(B * HKV, C, nslc, G_PAD, DV, **f32)
+    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
+    nb_pad = triton.next_power_of_2(nb_cap)
+    select_kernel[(B * HKV, C)](
+        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
+        SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), NUM_SELECTED=n,
+        NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
+        SLC_BLOCK=cfg.slc_block, num_warps=max(4, min(16, nb_pad // 512)),
+    )
+    slc_split_kernel[(B * HKV, C, nslc)](
+        q, k, v, table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G, G_PAD=G_PAD,
+        ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
+        SLC_BLOCK=cfg.slc_block, BPS=plan.bps, PRECISION=precision, num_warps=4,
+    )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
-    slc_combine_kernel[(B * HKV, C, nslc)](
-        q, k, v, table, cache_seqlens, gates, idx, slc_m, slc_l, slc_acc, o_part, o, counters[B * HKV * nqt:],
-        qk_scale, HKV, C, max_pages, nslc, G=G, G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
-        BLOCK_DV=BLOCK_DV, BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page,
-        NUM_SELECTED=n, SLC_BLOCK=cfg.slc_block, BPS=plan.bps, SPLIT_T=SPLIT_T, PRECISION=precision, num_warps=4,
+    combine_kernel[(B * HKV, C, G)](
+        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, plan.nsplit, nsw, G=G, G_PAD=G_PAD, DV=DV,
+        BLOCK_DV=BLOCK_DV, NSLC=nslc, SPLIT_T=SPLIT_T, num_warps=4,
     )
     return (o, idx) if return_indices else o
