@@ -43,9 +43,13 @@ NUM_SMS = 132
 BLOCK_N = 64
 BLOCK_S = 64
 # Selection blocks per compressed chunk, at most.
-MAX_CHUNK_BLOCKS = 128
+MAX_CHUNK_BLOCKS = 512
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
+# Heads whose block-score records a select program loads together; blocks of the capacity per warp of a select
+# program (4 to 16 warps).
+HEAD_GROUP = 4
+SELECT_WARP_BLOCKS = 512
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
 
@@ -73,7 +77,9 @@ def cmp_win_split_kernel(
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
-    chunk = tl.program_id(2)
+    # The window programs come first: short and latency-bound, they run while the compressed stream ramps up.
+    w = tl.program_id(2)
+    chunk = w - (NSW - NSLC)
     HQ = HKV * G
     ROWS: tl.constexpr = QT * G_PAD
     r = tl.arange(0, ROWS)
@@ -92,7 +98,7 @@ def cmp_win_split_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    if chunk < NSPLIT:
+    if chunk >= 0:
         R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
         num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
         # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
@@ -127,7 +133,6 @@ def cmp_win_split_kernel(
         tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
     else:
         # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
-        w = chunk - NSPLIT
         ks = tl.arange(0, BLOCK_S)
         s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
         for s0 in range(0, WT, BLOCK_S):
@@ -159,7 +164,7 @@ def merge_partials(m, l, m_s, l_s):
 def select_kernel(
     m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
     G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
-    KP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -191,20 +196,23 @@ def select_kernel(
     tiles = tl.arange(0, NB_PAD // TB)
     first = tiles * TB
     tile_ok = (first <= jt) & (first < NB_CAP) & (first * R < num_cmp)
+    # A processed tile's record holds all its blocks (0 for those past a row's position): whole rows load.
     j2 = first[:, None] + tl.arange(0, TB)[None, :]
-    have = tile_ok[:, None] & (j2 <= jt) & (j2 < NB_CAP)
     enter = tile_ok & (tiles > 0)
     score = tl.zeros([NB_PAD // TB, TB], tl.float32)
-    for h in range(G):
-        lse_h = tl.sum(tl.where(g == h, lse2, 0.0), 0)
-        row = ((bh * C + qi) * G_PAD + h).to(tl.int64)
-        part = tl.load(rec + row * NB_CAP + j2, mask=have, other=0.0)
-        m_t = tl.load(mt + row * NT_CAP + tiles, mask=tile_ok, other=float("-inf"))
-        score += part * tl.exp2(m_t - lse_h)[:, None]
-        if CMP_BLOCK > CMP_STRIDE:
-            part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter, other=0.0)
-            m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter, other=float("-inf"))
-            score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
+    for h0 in range(0, G, HEAD_GROUP):
+        # A group of heads' loads issued together: one memory latency per group, not per head.
+        for dh in tl.static_range(HEAD_GROUP):
+            h = h0 + dh
+            lse_h = tl.sum(tl.where(g == h, lse2, 0.0), 0)
+            row = ((bh * C + qi) * G_PAD + h).to(tl.int64)
+            part = tl.load(rec + row * NB_CAP + j2, mask=tile_ok[:, None] & (h < G), other=0.0)
+            m_t = tl.load(mt + row * NT_CAP + tiles, mask=tile_ok & (h < G), other=float("-inf"))
+            score += part * tl.exp2(m_t - lse_h)[:, None]
+            if CMP_BLOCK > CMP_STRIDE:
+                part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter & (h < G), other=0.0)
+                m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter & (h < G), other=float("-inf"))
+                score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
     score = tl.reshape(score, [NB_PAD])
     j = tl.arange(0, NB_PAD)
     bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
@@ -276,15 +284,17 @@ def slc_split_kernel(
 
 
 @triton.jit
-def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl.constexpr, SPLIT_T: tl.constexpr):
+def merge_splits(m_in, l_in, acc_in, FIRST: tl.constexpr, LAST: tl.constexpr, row0, split_stride, dv,
+                 DV: tl.constexpr, SPLIT_T: tl.constexpr):
     """o [DV] of the softmax whose partial (m, l, acc) lie at row0 + split * split_stride for the splits
-    first .. last - 1, SPLIT_T at a time; 0 where no split saw a key."""
+    FIRST .. LAST - 1, SPLIT_T at a time; 0 where no split saw a key. The steps are unrolled, so that every
+    step's loads can be issued before the first one's merge."""
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], tl.float32)
     acc = tl.zeros([dv.shape[0]], tl.float32)
-    for s0 in range(first, last, SPLIT_T):
+    for s0 in tl.static_range(FIRST, LAST, SPLIT_T):
         sp = s0 + tl.arange(0, SPLIT_T)
-        ok = sp < last
+        ok = sp < LAST
         row = row0 + sp.to(tl.int64) * split_stride
         m_s = tl.load(m_in + row, mask=ok, other=float("-inf"))
         l_s = tl.load(l_in + row, mask=ok, other=0.0)
@@ -296,9 +306,9 @@ def merge_splits(m_in, l_in, acc_in, first, last, row0, split_stride, dv, DV: tl
 
 @triton.jit
 def combine_kernel(
-    cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, NSPLIT, NSW,
-    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NSLC: tl.constexpr, SPLIT_T: tl.constexpr,
+    cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C,
+    G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, NSPLIT: tl.constexpr,
+    NSLC: tl.constexpr, NSW: tl.constexpr, SPLIT_T: tl.constexpr,
 ):
     # One program per query head: (sequence, KV group, query) and the head g of the group.
     bh = tl.program_id(0)
@@ -454,9 +464,10 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     nb_pad = triton.next_power_of_2(nb_cap)
     select_kernel[(B * HKV, C)](
         cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
-        SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), NUM_SELECTED=n,
+        SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
+        NUM_SELECTED=n,
         NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
-        SLC_BLOCK=cfg.slc_block, num_warps=max(4, min(16, nb_pad // 512)),
+        SLC_BLOCK=cfg.slc_block, num_warps=max(4, min(16, nb_pad // SELECT_WARP_BLOCKS)),
     )
     slc_split_kernel[(B * HKV, C, nslc)](
         q, k, v, table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G, G_PAD=G_PAD,
@@ -466,7 +477,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
     combine_kernel[(B * HKV, C, G)](
-        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, plan.nsplit, nsw, G=G, G_PAD=G_PAD, DV=DV,
-        BLOCK_DV=BLOCK_DV, NSLC=nslc, SPLIT_T=SPLIT_T, num_warps=4,
+        cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, G=G, G_PAD=G_PAD, DV=DV, BLOCK_DV=BLOCK_DV,
+        NSPLIT=plan.nsplit, NSLC=nslc, NSW=nsw, SPLIT_T=SPLIT_T, num_warps=4,
     )
     return (o, idx) if return_indices else o
