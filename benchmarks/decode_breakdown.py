@@ -1,6 +1,7 @@
 """Time each decode kernel (nsa/ops/decode.py) on its own, beside the whole step and SDPA's dense decode step.
 
 python3 benchmarks/decode_breakdown.py --config paper --cases 16x8k,16x128k,1x128k --out FILE.json
+python3 benchmarks/decode_breakdown.py --set MAX_CHUNK_BLOCKS=512 ...  (a variant: module constants of nsa.ops.decode)
 python3 benchmarks/decode_breakdown.py --plot FILE.json  (FILE.png: per case, stacked kernel times of each section of
     FILE, e.g. the "before" and "after" of results/2026-12-01/decode_kernels.json, beside SDPA's step)
 The step and SDPA are replayed from CUDA graphs (do_bench median); each kernel's device time comes from the
@@ -20,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nsa.bench.configs import FULL_CONFIGS
 from nsa.bench.impls import cuda_graphed
+from nsa.ops import decode
 from nsa.ops.decode import nsa_decode
 
 
@@ -100,7 +102,13 @@ def main():
     parser.add_argument("--config", default="paper")
     parser.add_argument("--cases", default="16x8k,16x32k,16x64k,16x128k,1x32k,1x128k", help="BxT, comma-separated")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=INT", help="override nsa.ops.decode constants")
     args = parser.parse_args()
+    for item in args.set:
+        name, value = item.split("=")
+        if not hasattr(decode, name):
+            raise SystemExit(f"nsa.ops.decode has no constant {name}")
+        setattr(decode, name, int(value))
     if args.plot:
         print(plot(args.plot))
         return
@@ -115,7 +123,7 @@ def main():
         print(f"{r['B']:>3} {r['T']:>7} {r['nsa_ms']:8.4f} {r['sdpa_ms']:8.4f} {r['sdpa_ms'] / r['nsa_ms']:6.2f}  {kern}")
     if args.out:
         env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   config=config.describe())
+                   config=config.describe(), set=args.set)
         with open(args.out, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=1)
 

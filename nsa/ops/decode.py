@@ -14,8 +14,8 @@ host synchronisation and can be captured in a CUDA graph:
    relative to. A window program takes a share of its query tile's band and leaves a partial softmax.
 2. select: one program per (sequence, KV group, query): each head's global lse from the chunks' (m, l), then
    S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3) for every block at once,
-   and SPEC 4's top n by bisection: the n-th largest score's bits found in 31 counting steps, ties at it taken
-   lowest block first, the chosen blocks written in ascending order by a prefix sum.
+   and SPEC 4's top n by a radix search: the n-th largest score's bits found a few bits per counting step, ties
+   at it taken lowest block first, the chosen blocks written in ascending order by a prefix sum.
 3. slc_split: the selected blocks split over programs (a few each); partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
@@ -50,6 +50,8 @@ SPLIT_T = 16
 # program (4 to 16 warps).
 HEAD_GROUP = 4
 SELECT_WARP_BLOCKS = 512
+# Bits of the n-th largest score found per counting step of the selection.
+RADIX_BITS = 4
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
 
@@ -164,7 +166,7 @@ def merge_partials(m, l, m_s, l_s):
 def select_kernel(
     m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
     G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
-    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -217,15 +219,21 @@ def select_kernel(
     j = tl.arange(0, NB_PAD)
     bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
 
-    # SPEC 4's top n: `lo` ends as the n-th largest bits (or 0 where fewer blocks are candidates). Invariant:
-    # at least n blocks have bits >= lo, or lo = 0; fewer than n have bits >= hi.
+    # SPEC 4's top n: `lo` ends as the largest value with at least n blocks' bits >= it (the n-th largest bits), or
+    # 0 where fewer blocks are candidates. Its 31 bits are found RADIX_BITS at a time from the top: a histogram of
+    # the next digit of the blocks in [lo, lo + 2^RADIX_BITS << shift), summed from the top and plus the blocks
+    # above that range, counts the blocks at or above each value the digit can take.
+    D: tl.constexpr = 1 << RADIX_BITS
+    PASSES: tl.constexpr = (31 + RADIX_BITS - 1) // RADIX_BITS
     lo = tl.zeros([], tl.int32)
-    hi = lo + 0x7F800001
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= NUM_SELECTED
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    for p in tl.static_range(PASSES):
+        shift = RADIX_BITS * (PASSES - 1 - p)
+        dig = (bits - lo) >> shift
+        inside = (bits >= lo) & (dig < D)
+        beyond = tl.sum(((bits >= lo) & (dig >= D)).to(tl.int32), 0)
+        count = beyond + tl.cumsum(tl.histogram(dig, D, mask=inside), 0, reverse=True)
+        best = tl.max(tl.where(count >= NUM_SELECTED, tl.arange(0, D), 0), 0)
+        lo += best << shift
     above = bits > lo
     ties = bits == lo
     need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
@@ -465,7 +473,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     select_kernel[(B * HKV, C)](
         cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
         SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
-        NUM_SELECTED=n,
+        RADIX_BITS=RADIX_BITS, NUM_SELECTED=n,
         NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
         SLC_BLOCK=cfg.slc_block, num_warps=max(4, min(16, nb_pad // SELECT_WARP_BLOCKS)),
     )
