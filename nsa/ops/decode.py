@@ -49,7 +49,7 @@ SPLIT_T = 16
 # Heads whose block-score records a select program loads together; blocks of the capacity per warp of a select
 # program (4 to 16 warps).
 HEAD_GROUP = 4
-SELECT_WARP_BLOCKS = 512
+SELECT_WARP_BLOCKS = 128
 # Bits of the n-th largest score found per counting step of the selection.
 RADIX_BITS = 4
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
