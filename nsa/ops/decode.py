@@ -6,7 +6,8 @@ all with grids fixed by the cache's capacity and every length read on the device
 host synchronisation and can be captured in a CUDA graph:
 
 1. cmp_win_split: split-K over the compressed tokens (flash-decoding), and beside it the sliding window, which
-   needs no selection, so its reads overlap the compressed stream. A compressed program (sequence, KV group, query
+   needs no selection, so its reads overlap the compressed stream (on a GPU, as a second launch on a side stream,
+   which runs on until the selected branch ends). A compressed program (sequence, KV group, query
    tile, chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
    TB selection blocks (BLOCK_N token slots), keeping the partial softmax (max m, sum l, unnormalised acc). Each
    tile also leaves a record: its blocks' scores sum_i exp2(s_hi - m_h) ov(i, j) / d folded on the CUDA cores
@@ -42,10 +43,17 @@ NUM_SMS = 132
 # Compressed token slots per tile of the compressed stream; keys per tile of the selected and window branches.
 BLOCK_N = 64
 BLOCK_S = 64
+# Window keys per window program where programs are plenty. Beside short compressed chunks (at most SHORT_CHUNK
+# tiles) twice that, and the compressed stream in 2 pipeline stages instead of 3 (less shared memory: 3 programs
+# per SM instead of 2); on the H200 at B16 that took the 8k step from 0.0663 ms to 0.0617, and made 64k and 128k
+# (16-32 tiles per chunk) slower.
+WIN_KEYS = 128
+SHORT_CHUNK = 2
 # Selection blocks per compressed chunk, at most.
 MAX_CHUNK_BLOCKS = 512
-# Splits merged per step where partial softmaxes combine.
+# Splits merged per step where partial softmaxes combine; warps of a combine program (one query head).
 SPLIT_T = 16
+COMBINE_WARPS = 1
 # Heads whose block-score records a select program loads together; blocks of the capacity per warp of a select
 # program (4 to 16 warps).
 HEAD_GROUP = 4
@@ -70,7 +78,7 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 @triton.jit
 def cmp_win_split_kernel(
     q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
-    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP, WIN_MAX_PAGES, NSW, NSLC,
+    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP, WIN_MAX_PAGES, NSW, NSLC, W0,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
@@ -79,8 +87,8 @@ def cmp_win_split_kernel(
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
-    # The window programs come first: short and latency-bound, they run while the compressed stream ramps up.
-    w = tl.program_id(2)
+    # Programs w < NSW - NSLC are the window's (short and latency-bound: first where one grid holds both).
+    w = tl.program_id(2) + W0
     chunk = w - (NSW - NSLC)
     HQ = HKV * G
     ROWS: tl.constexpr = QT * G_PAD
@@ -355,6 +363,17 @@ def _pages(name, table, pool_name, pool, batch):
     return table, table.shape[1], pool.shape[1]
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU, made once (outside any graph capture that later reuses it)."""
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
+
+
 class SplitPlan(NamedTuple):
     """How nsa_decode spreads a step over programs; chosen from the capacity (not the lengths) so that shapes
     stay static."""
@@ -365,6 +384,7 @@ class SplitPlan(NamedTuple):
     nsplit: int  # compressed chunks
     bps: int  # selected blocks per program of slc_split
     wt: int  # window keys per window program
+    stages: int  # pipeline stages of the compressed stream
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
@@ -375,7 +395,9 @@ def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> Spli
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
     few = batch_heads * (cfg.num_selected + cfg.window // BLOCK_S) < target
-    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), 1 if few else 2, BLOCK_S if few else 2 * BLOCK_S)
+    short = jc // tb <= SHORT_CHUNK
+    wt = BLOCK_S if few else WIN_KEYS * (2 if short else 1)
+    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), 1 if few else 2, wt, 2 if short else 3)
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -461,13 +483,30 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     sw_m = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
     sw_l = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
     sw_acc = torch.empty(B * HKV, C, nsw, G_PAD, DV, **f32)
-    cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit + nwin)](
-        q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m, sw_l,
-        sw_acc, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap, win_max_pages, nsw, nslc,
-        G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad,
-        TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
-        WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=4,
-    )
+
+    def cmp_win(programs, w0):
+        """Programs w0 .. w0 + programs - 1 of each (sequence, KV group, query tile): window ones, then chunks."""
+        cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), programs)](
+            q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m,
+            sw_l, sw_acc, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap, win_max_pages, nsw, nslc,
+            w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb,
+            R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
+            SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page,
+            PRECISION=precision, num_warps=4, num_stages=plan.stages,
+        )
+
+    side = _side_stream(dev) if dev.type == "cuda" else None
+    if side is None:
+        cmp_win(nwin + plan.nsplit, 0)
+    else:
+        # The window on a side stream, forked before the compressed launch (so that it waits on nothing of it) and
+        # filled after it: the compressed programs, which select waits for, are dispatched first, and the window's
+        # take the SMs left over, up to slc_split's end (on the H200 at B16, 8k-128k, 1-3% off the step).
+        main = torch.cuda.current_stream(dev)
+        side.wait_stream(main)
+        cmp_win(plan.nsplit, nwin)
+        with torch.cuda.stream(side):
+            cmp_win(nwin, 0)
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
     nb_pad = triton.next_power_of_2(nb_cap)
     select_kernel[(B * HKV, C)](
@@ -483,9 +522,11 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
         SLC_BLOCK=cfg.slc_block, BPS=plan.bps, PRECISION=precision, num_warps=4,
     )
+    if side is not None:
+        main.wait_stream(side)
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
     combine_kernel[(B * HKV, C, G)](
         cmp_m, cmp_l, cmp_acc, sw_m, sw_l, sw_acc, gates, o, HKV, C, G=G, G_PAD=G_PAD, DV=DV, BLOCK_DV=BLOCK_DV,
-        NSPLIT=plan.nsplit, NSLC=nslc, NSW=nsw, SPLIT_T=SPLIT_T, num_warps=4,
+        NSPLIT=plan.nsplit, NSLC=nslc, NSW=nsw, SPLIT_T=SPLIT_T, num_warps=COMBINE_WARPS,
     )
     return (o, idx) if return_indices else o
