@@ -63,6 +63,16 @@ def test_incremental_phi_and_selection_match_training_path():
     assert (idx[:, -1] >= 0).sum() == SMALL.num_selected * 2
 
 
+def test_a_growing_cache_keeps_its_compressed_tokens():
+    """Past its first room (256 tokens) a contiguous cache doubles: the compressed tokens move with it (the scratch
+    row to the new end), and decoding still equals the training path."""
+    m = make()
+    x = torch.randn(1, 300, 48, dtype=torch.float64)
+    decoded, cache = decode_in_chunks(m, x, [10, 250, 1, 39])
+    torch.testing.assert_close(decoded, m(x), rtol=1e-10, atol=1e-12)
+    assert cache.capacity == 512 and cache.layers[1].k_cmp.shape[1] == 512 // SMALL.cmp_stride + 1
+
+
 def test_cache_keeps_what_spec_says():
     m = make()
     x = torch.randn(1, 45, 48, dtype=torch.float64)

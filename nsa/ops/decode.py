@@ -22,7 +22,7 @@ host synchronisation and can be captured in a CUDA graph:
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
 (a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
-are contiguous per sequence [B, Tc_cap, HKV, D]. The window K/V are either the raw ones or a ring
+are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The window K/V are either the raw ones or a ring
 [B, W, HKV, D] holding token s at slot s % W (W >= w + C - 1).
 """
 
@@ -85,8 +85,8 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 @triton.jit
 def cmp_win_split_kernel(
     q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
-    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, NSPLIT, NB_CAP, NT_CAP, WIN_MAX_PAGES, NSW, NSLC, W0,
-    G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, SKB, SKT, SKH, SVB, SVT, SVH, NSPLIT, NB_CAP, NT_CAP,
+    WIN_MAX_PAGES, NSW, NSLC, W0, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     WT: tl.constexpr, BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
@@ -128,11 +128,11 @@ def cmp_win_split_kernel(
             i = (tile * TB + n // R_PAD) * R + k
             # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
             in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
-            kv_row = (b.to(tl.int64) * CMP_CAP + i) * HKV + kvh
-            kt = tl.load(k_cmp + kv_row[:, None] * DK + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :],
-                         other=0.0)
-            vt = tl.load(v_cmp + kv_row[:, None] * DV + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :],
-                         other=0.0)
+            # Any strides, the last one 1.
+            k_row = b.to(tl.int64) * SKB + i.to(tl.int64) * SKT + kvh * SKH
+            v_row = b.to(tl.int64) * SVB + i.to(tl.int64) * SVT + kvh * SVH
+            kt = tl.load(k_cmp + k_row[:, None] + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
+            vt = tl.load(v_cmp + v_row[:, None] + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
             s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
             # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
             visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
@@ -416,7 +416,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         gates: [B, C, HQ, 3] the branch gates (cmp, slc, win) after the sigmoid.
         k, v: the selected branch's keys and values, already holding the C new tokens: [B, S_cap, HKV, DK/DV],
             or with block_table the page pools [num_pages, P, HKV, DK/DV].
-        k_cmp, v_cmp: [B, Tc_cap, HKV, DK/DV], the first Tc(cache_seqlens[b] + C) rows of each sequence valid.
+        k_cmp, v_cmp: [B, Tc_cap, HKV, DK/DV], the first Tc(cache_seqlens[b] + C) rows of each sequence valid; any
+            strides whose last is 1 (a head-major [B, HKV, Tc_cap, D] transposed, say), read in place.
         cache_seqlens: int32 [B], the tokens of each sequence before the C new ones.
         cfg: the knobs; scale: default 1 / sqrt(DK).
         k_win, v_win: the window branch's keys and values (default k, v): [B, W, HKV, DK/DV] holding token s at
@@ -463,7 +464,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         return (o, idx) if return_indices else o
     dev = q.device
     q, gates = q.contiguous(), gates.contiguous()
-    k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
+    # Compressed K/V of any strides with a unit last one are read in place: a copy would move the whole cache.
+    k_cmp, v_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cmp, v_cmp))
     BLOCK_DK, BLOCK_DV = padded_dim(DK), padded_dim(DV)
     precision = dot_precision(q.dtype)
     n = cfg.num_selected
@@ -495,8 +497,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         """Programs w0 .. w0 + programs - 1 of each (sequence, KV group, query tile): window ones, then chunks."""
         cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), programs)](
             q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m,
-            sw_l, sw_acc, qk_scale, HKV, C, k_cmp.shape[1], plan.nsplit, nb_cap, nt_cap, win_max_pages, nsw, nslc,
-            w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb,
+            sw_l, sw_acc, qk_scale, HKV, C, k_cmp.shape[1], *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit,
+            nb_cap, nt_cap, win_max_pages, nsw, nslc, w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb,
             R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
             SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page,
             PRECISION=precision, num_warps=warps, num_stages=plan.stages,

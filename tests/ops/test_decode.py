@@ -89,7 +89,10 @@ def run_decode(full, past, q, gates, lengths, C, cfg, dtype, scale, layout, capa
     if layout in ("ring", "paged_ring"):
         k_ring, v_ring = window_ring(full, lengths, cfg.window + C - 1 + 3)
         kw.update(k_win=to(k_ring), v_win=to(v_ring))
-    return nsa_decode(to(q), to(gates), to(k), to(v), to(full["k_cmp"]), to(full["v_cmp"]),
+    k_cmp, v_cmp = to(full["k_cmp"]), to(full["v_cmp"])
+    if layout == "head_major":  # compressed K/V stored [B, HKV, Tc, D], passed as a [B, Tc, HKV, D] view
+        k_cmp, v_cmp = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_cmp, v_cmp))
+    return nsa_decode(to(q), to(gates), to(k), to(v), k_cmp, v_cmp,
                       past.to(device=DEVICE, dtype=torch.int32), cfg, scale, return_indices=True, **kw)
 
 
@@ -100,6 +103,7 @@ CASES = [
     (SMALL, [257, 40], 3, 8, 1, 16, 16, 320, "paged_ring"),
     (FLAT, [150, 99, 17], 2, 3, 1, 32, 16, 160, "paged"),
     (SMALL, [70], 9, 16, 1, 16, 16, 96, "contiguous"),
+    (SMALL, [333, 80], 2, 4, 2, 16, 32, 384, "head_major"),
 ]
 
 
@@ -169,7 +173,7 @@ def test_layouts_agree_exactly():
     cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [300, 61], 2, 4, 2, 16, 16, 320
     full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32, separate_win=False)
     outs = [run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, layout, capacity)
-            for layout in ("contiguous", "paged", "ring", "paged_ring")]
+            for layout in ("contiguous", "paged", "ring", "paged_ring", "head_major")]
     for o, idx in outs[1:]:
         assert torch.equal(idx, outs[0][1])
         torch.testing.assert_close(o, outs[0][0], rtol=1e-6, atol=1e-6)
