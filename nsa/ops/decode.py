@@ -22,8 +22,8 @@ host synchronisation and can be captured in a CUDA graph:
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
 (a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
-are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The window K/V are either the raw ones or a ring
-[B, W, HKV, D] holding token s at slot s % W (W >= w + C - 1).
+are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The window K/V are either the
+raw ones or a ring [B, W, HKV, D] holding token s at slot s % W (W >= w + C - 1).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 def cmp_win_split_kernel(
     q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
     sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, SKB, SKT, SKH, SVB, SVT, SVH, NSPLIT, NB_CAP, NT_CAP,
-    WIN_MAX_PAGES, NSW, NSLC, W0, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    WIN_MAX_PAGES, NSW, NSLC, W0, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
     WT: tl.constexpr, BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
@@ -181,7 +182,8 @@ def merge_partials(m, l, m_s, l_s):
 def select_kernel(
     m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
     G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
-    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr,
+    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -439,7 +441,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     G = HQ // HKV
     _check("gates", gates, (B, C, HQ, 3), "[B, C, HQ, 3]")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
     if k_cmp.dim() != 4 or k_cmp.shape[0] != B or k_cmp.shape[2:] != (HKV, DK) or v_cmp.shape != (*k_cmp.shape[:3], DV):
         raise ValueError(f"k_cmp, v_cmp must be [B, Tc_cap, HKV, DK/DV] = [{B}, Tc_cap, {HKV}, {DK}/{DV}], got "
                          f"{tuple(k_cmp.shape)}, {tuple(v_cmp.shape)}")
@@ -498,10 +501,10 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), programs)](
             q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m,
             sw_l, sw_acc, qk_scale, HKV, C, k_cmp.shape[1], *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit,
-            nb_cap, nt_cap, win_max_pages, nsw, nslc, w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb,
-            R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
-            SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S, WIN_PAGE=win_page,
-            PRECISION=precision, num_warps=warps, num_stages=plan.stages,
+            nb_cap, nt_cap, win_max_pages, nsw, nslc, w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
+            BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block,
+            CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S,
+            WIN_PAGE=win_page, PRECISION=precision, num_warps=warps, num_stages=plan.stages,
         )
 
     side = _side_stream(dev) if dev.type == "cuda" else None
