@@ -376,7 +376,7 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(dev: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU, made once (outside any graph capture that later reuses it)."""
+    """One side stream per GPU, made on first use and reused by every later step (eager or captured)."""
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(index)
