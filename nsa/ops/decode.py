@@ -1,18 +1,18 @@
 """NSA of a few new query tokens per sequence against a cache (decoding, speculative decoding, chunked prefill).
 
 Query c of sequence b sits at position t = cache_seqlens[b] + c (FlashAttention's flash_attn_with_kvcache
-convention: cache_seqlens counts the tokens before this step's C, whose keys are already written). Four kernels,
+convention: cache_seqlens counts the tokens before this step's C, whose keys are already written). Five kernels,
 all with grids fixed by the cache's capacity and every length read on the device, so that a decode step has no
 host synchronisation and can be captured in a CUDA graph:
 
-1. cmp_win_split: split-K over the compressed tokens (flash-decoding), and beside it the sliding window, which
-   needs no selection, so its reads overlap the compressed stream (on a GPU, as a second launch on a side stream,
-   which runs on until the selected branch ends). A compressed program (sequence, KV group, query
-   tile, chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
+1. cmp_split: split-K over the compressed tokens (flash-decoding). A program (sequence, KV group, query tile,
+   chunk) holds the G heads of its queries as rows and streams the chunk's compressed tokens once, in tiles of
    TB selection blocks (BLOCK_N token slots), keeping the partial softmax (max m, sum l, unnormalised acc). Each
    tile also leaves a record: its blocks' scores sum_i exp2(s_hi - m_h) ov(i, j) / d folded on the CUDA cores
    (topk.fold_blocks), what its last block spills into the next tile, and the running max m_h they are
-   relative to. A window program takes a share of its query tile's band and leaves a partial softmax.
+   relative to.
+   win_split: the sliding window, which needs no selection; each program takes WIN_KEYS of its query tile's band
+   and leaves a partial softmax. On a GPU it runs on a side stream, beside the compressed stream and the selection.
 2. select: one program per (sequence, KV group, query): each head's global lse from the chunks' (m, l), then
    S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3) for every block at once,
    and SPEC 4's top n by a radix search: the n-th largest score's bits found a few bits per counting step, ties
@@ -43,11 +43,12 @@ NUM_SMS = 132
 # Compressed token slots per tile of the compressed stream; keys per tile of the selected and window branches.
 BLOCK_N = 64
 BLOCK_S = 64
-# Window keys per window program where programs are plenty. Beside short compressed chunks (at most SHORT_CHUNK
-# tiles) twice that, and the compressed stream in 2 pipeline stages instead of 3 (less shared memory: 3 programs
-# per SM instead of 2); on the H200 at B16 that took the 8k step from 0.0663 ms to 0.0617, and made 64k and 128k
-# (16-32 tiles per chunk) slower.
+# Window keys per window program (a multiple of BLOCK_S); on the H200 at B16, 128 against 64: 0.1418 ms against 0.1591
+# at 128k (the window's programs crowd the compressed stream's), 0.0516 against 0.0509 at 8k.
 WIN_KEYS = 128
+# Compressed chunks of at most SHORT_CHUNK tiles stream in 2 pipeline stages instead of 3 (less shared memory: 3
+# programs per SM instead of 2); on the H200 at B16 that took the 8k step from 0.0663 ms to 0.0617, and made 64k and
+# 128k (16-32 tiles per chunk) slower.
 SHORT_CHUNK = 2
 # Selection blocks per compressed chunk, at most.
 MAX_CHUNK_BLOCKS = 512
@@ -61,9 +62,10 @@ WIN_WARPS = 4
 SLC_WARPS = 4
 COMBINE_WARPS = 1
 SELECT_MIN_WARPS = 4
-# Heads whose block-score records a select program loads together; blocks of the capacity per warp of a select
+# Heads whose block-score records a select program loads together (all 16 against 4: on the H200 at B16 the step
+# 0.0507 against 0.0521 ms at 8k, 0.1416 against 0.1479 at 128k); blocks of the capacity per warp of a select
 # program (4 to 16 warps).
-HEAD_GROUP = 4
+HEAD_GROUP = 16
 SELECT_WARP_BLOCKS = 128
 # Bits of the n-th largest score found per counting step of the selection.
 RADIX_BITS = 4
@@ -83,88 +85,113 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 
 
 @triton.jit
-def cmp_win_split_kernel(
-    q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out,
-    sw_m, sw_l, sw_acc, qk_scale, HKV, C, CMP_CAP, SKB, SKT, SKH, SVB, SVT, SVH, NSPLIT, NB_CAP, NT_CAP,
-    WIN_MAX_PAGES, NSW, NSLC, W0, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
-    WT: tl.constexpr, BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
+def query_rows(q, b, kvh, HKV, C, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr,
+               BLOCK_DK: tl.constexpr):
+    """The rows of a program's query tile (program_id(1)): the query qi and head g of each of the QT * G_PAD rows,
+    which rows are real, and their queries [rows, BLOCK_DK] (zeros elsewhere)."""
+    r = tl.arange(0, QT * G_PAD)
+    qi = tl.program_id(1) * QT + r // G_PAD
+    g = r % G_PAD
+    row_ok = (qi < C) & (g < G)
+    dk = tl.arange(0, BLOCK_DK)
+    offs = ((b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g)[:, None] * DK + dk[None, :]
+    return qi, g, row_ok, tl.load(q + offs, mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+
+
+@triton.jit
+def store_partial(m_out, l_out, acc_out, row, m_i, l_i, acc, ok, DV: tl.constexpr):
+    """A partial softmax (m, l, acc [rows, BLOCK_DV]) written at int64 rows `row` where ok."""
+    dv = tl.arange(0, acc.shape[1])
+    tl.store(m_out + row, m_i, mask=ok)
+    tl.store(l_out + row, l_i, mask=ok)
+    tl.store(acc_out + row[:, None] * DV + dv[None, :], acc, mask=ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def cmp_split_kernel(
+    q, k_cmp, v_cmp, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out, qk_scale, HKV, C, CMP_CAP,
+    SKB, SKT, SKH, SVB, SVT, SVH, NSPLIT, NB_CAP, NT_CAP, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr,
+    R_PAD: tl.constexpr, TILES: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
-    # Programs w < NSW - NSLC are the window's (short and latency-bound: first where one grid holds both).
-    w = tl.program_id(2) + W0
-    chunk = w - (NSW - NSLC)
-    HQ = HKV * G
-    ROWS: tl.constexpr = QT * G_PAD
-    r = tl.arange(0, ROWS)
-    qi = tl.program_id(1) * QT + r // G_PAD
-    g = r % G_PAD
-    row_ok = (qi < C) & (g < G)
-    past = tl.load(cache_seqlens + b)
-    t = past + qi
-    end = past + C
-
+    chunk = tl.program_id(2)
+    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    t = tl.load(cache_seqlens + b) + qi
+    end = tl.load(cache_seqlens + b) + C
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q_offs = ((b * C + qi).to(tl.int64) * HQ + kvh * G + g)[:, None] * DK + dk[None, :]
-    q_tile = tl.load(q + q_offs, mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
     st = qi < C
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    if chunk >= 0:
-        R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
-        num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
-        # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
-        n = tl.arange(0, TB * R_PAD)
-        k = n % R_PAD
-        jj = tl.arange(0, TB)
-        rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)
-        tile0 = chunk * TILES
-        for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
-            i = (tile * TB + n // R_PAD) * R + k
-            # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
-            in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
-            # Any strides, the last one 1.
-            k_row = b.to(tl.int64) * SKB + i.to(tl.int64) * SKT + kvh * SKH
-            v_row = b.to(tl.int64) * SVB + i.to(tl.int64) * SVT + kvh * SVH
-            kt = tl.load(k_cmp + k_row[:, None] + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
-            vt = tl.load(v_cmp + v_row[:, None] + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
-            s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
-            # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
-            visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
-            s = tl.where(visible, s, float("-inf"))
-            acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
-            # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
-            score, spill = fold_blocks(p, k, None, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
-            tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
-            tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
-            tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
-        # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
-        srow = (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g
-        tl.store(m_out + srow, m_i, mask=st)
-        tl.store(l_out + srow, l_i, mask=st)
-        tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
-    else:
-        # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
-        ks = tl.arange(0, BLOCK_S)
-        s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
-        for s0 in range(0, WT, BLOCK_S):
-            s = s_first + s0 + ks
-            ok = (s0 + ks < WT) & (s >= 0) & (s < end)
-            rows = (token_rows(win_table, b, s, WIN_MAX_PAGES, WIN_PAGE) * HKV + kvh)[:, None]
-            kt = tl.load(k_win + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-            vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-            visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
-        srow = ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g
-        tl.store(sw_m + srow, m_i, mask=st)
-        tl.store(sw_l + srow, l_i, mask=st)
-        tl.store(sw_acc + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
+    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QT * G_PAD], tl.float32)
+    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
+    # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
+    n = tl.arange(0, TB * R_PAD)
+    k = n % R_PAD
+    jj = tl.arange(0, TB)
+    rec_row = ((bh * C + qi) * G_PAD + g).to(tl.int64)
+    tile0 = chunk * TILES
+    for tile in range(tile0, tl.minimum(tile0 + TILES, tl.cdiv(num_cmp, TB * R))):
+        i = (tile * TB + n // R_PAD) * R + k
+        # Lengths past the capacity (a caller's error the host cannot see) read no row outside k_cmp.
+        in_seq = (k < R) & (i < num_cmp) & (i < CMP_CAP)
+        # Any strides, the last one 1.
+        k_row = b.to(tl.int64) * SKB + i.to(tl.int64) * SKT + kvh * SKH
+        v_row = b.to(tl.int64) * SVB + i.to(tl.int64) * SVT + kvh * SVH
+        kt = tl.load(k_cmp + k_row[:, None] + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
+        vt = tl.load(v_cmp + v_row[:, None] + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
+        s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
+        # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
+        visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
+        s = tl.where(visible, s, float("-inf"))
+        acc, m_i, l_i, p, alpha = online_softmax(acc, m_i, l_i, s, vt, PRECISION)
+        # SPEC 3's fold of the tile, relative to the running max m_i, which the tile's record keeps beside it.
+        score, spill = fold_blocks(p, k, None, R_PAD - 1, R, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
+        tl.store(rec_out + rec_row[:, None] * NB_CAP + tile * TB + jj[None, :], score, mask=st[:, None])
+        tl.store(spill_out + rec_row * NT_CAP + tile, spill, mask=st)
+        tl.store(mt_out + rec_row * NT_CAP + tile, m_i, mask=st)
+    # Every chunk writes its rows, empty ones too (m = -inf, zeros): the later kernels need no emptiness test.
+    store_partial(m_out, l_out, acc_out, (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g, m_i, l_i,
+                  acc, st, DV)
+
+
+@triton.jit
+def win_split_kernel(
+    q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, WIN_MAX_PAGES, NSW, NSLC,
+    G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOW: tl.constexpr, WT: tl.constexpr, BLOCK_S: tl.constexpr,
+    WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    kvh = bh % HKV
+    w = tl.program_id(2)
+    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    past = tl.load(cache_seqlens + b)
+    t = past + qi
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QT * G_PAD], tl.float32)
+    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
+    ks = tl.arange(0, BLOCK_S)
+    s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
+    for s0 in tl.static_range(0, WT, BLOCK_S):
+        s = s_first + s0 + ks
+        ok = (s >= 0) & (s < past + C)
+        rows = (token_rows(win_table, b, s, WIN_MAX_PAGES, WIN_PAGE) * HKV + kvh)[:, None]
+        kt = tl.load(k_win + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
+        vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
+    store_partial(sw_m, sw_l, sw_acc, ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g, m_i, l_i, acc,
+                  qi < C, DV)
 
 
 @triton.jit
@@ -301,11 +328,8 @@ def slc_split_kernel(
                 acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
                                              qk_scale, PRECISION)
 
-    srow = ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g
-    st = g < G_PAD
-    tl.store(m_out + srow, m_i, mask=st)
-    tl.store(l_out + srow, l_i, mask=st)
-    tl.store(acc_out + srow[:, None] * DV + dv[None, :], acc, mask=st[:, None] & (dv < DV)[None, :])
+    store_partial(m_out, l_out, acc_out, ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g, m_i, l_i, acc,
+                  g < G_PAD, DV)
 
 
 @triton.jit
@@ -392,21 +416,18 @@ class SplitPlan(NamedTuple):
     jc: int  # selection blocks per compressed chunk (a multiple of tb)
     nsplit: int  # compressed chunks
     bps: int  # selected blocks per program of slc_split
-    wt: int  # window keys per window program
     stages: int  # pipeline stages of the compressed stream
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
-    """About two programs per SM for the compressed chunks and the selected and window tiles."""
+    """About two programs per SM for the compressed chunks and the selected blocks."""
     target = 2 * NUM_SMS
     r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
     tb = max(1, BLOCK_N // r_pad)
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
-    few = batch_heads * (cfg.num_selected + cfg.window // BLOCK_S) < target
-    short = jc // tb <= SHORT_CHUNK
-    wt = BLOCK_S if few else WIN_KEYS * (2 if short else 1)
-    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), 1 if few else 2, wt, 2 if short else 3)
+    bps = 1 if batch_heads * cfg.num_selected < target else 2
+    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), bps, 2 if jc // tb <= SHORT_CHUNK else 3)
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -490,43 +511,49 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     qk_scale = scale * LOG2E
     # The selected and window branches' partial softmaxes: nslc programs of selected blocks, then the window's.
     nslc = -(-n // plan.bps)
-    nwin = -(-(cfg.window + QT - 1) // plan.wt)
+    nwin = -(-(cfg.window + QT - 1) // WIN_KEYS)
     nsw = nslc + nwin
     sw_m = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
     sw_l = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
     sw_acc = torch.empty(B * HKV, C, nsw, G_PAD, DV, **f32)
 
-    def cmp_win(programs, w0, warps):
-        """Programs w0 .. w0 + programs - 1 of each (sequence, KV group, query tile): window ones, then chunks."""
-        cmp_win_split_kernel[(B * HKV, triton.cdiv(C, QT), programs)](
-            q, k_cmp, v_cmp, k_win, v_win, win_table, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, sw_m,
-            sw_l, sw_acc, qk_scale, HKV, C, k_cmp.shape[1], *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit,
-            nb_cap, nt_cap, win_max_pages, nsw, nslc, w0, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK,
-            BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block,
-            CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, WINDOW=cfg.window, WT=plan.wt, BLOCK_S=BLOCK_S,
-            WIN_PAGE=win_page, PRECISION=precision, num_warps=warps, num_stages=plan.stages,
+    def compressed():
+        cmp_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit)](
+            q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, qk_scale, HKV, C, k_cmp.shape[1],
+            *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD, QT=QT, DK=DK,
+            DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb,
+            CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, PRECISION=precision,
+            num_warps=CMP_WARPS, num_stages=plan.stages,
+        )
+
+    def window():
+        win_split_kernel[(B * HKV, triton.cdiv(C, QT), nwin)](
+            q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, win_max_pages, nsw,
+            nslc, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, WINDOW=cfg.window,
+            WT=WIN_KEYS, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=WIN_WARPS,
         )
 
     side = _side_stream(dev) if dev.type == "cuda" else None
     if side is None:
-        cmp_win(nwin + plan.nsplit, 0, CMP_WARPS)
+        window()
+        compressed()
     else:
         # The window on a side stream, forked before the compressed launch (so that it waits on nothing of it) and
-        # filled after it: the compressed programs, which select waits for, are dispatched first, and the window's
-        # take the SMs left over, up to slc_split's end (on the H200 at B16, 8k-128k, 1-3% off the step).
+        # joined before combine: the compressed programs, which select waits for, are dispatched first, and the
+        # window's take the SMs as they come free.
         main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
-        cmp_win(plan.nsplit, nwin, CMP_WARPS)
+        compressed()
         with torch.cuda.stream(side):
-            cmp_win(nwin, 0, WIN_WARPS)
+            window()
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
     nb_pad = triton.next_power_of_2(nb_cap)
     select_kernel[(B * HKV, C)](
         cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
         SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
-        RADIX_BITS=RADIX_BITS, NUM_SELECTED=n,
-        NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride,
-        SLC_BLOCK=cfg.slc_block, num_warps=max(SELECT_MIN_WARPS, min(16, nb_pad // SELECT_WARP_BLOCKS)),
+        RADIX_BITS=RADIX_BITS, NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
+        CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
+        num_warps=max(SELECT_MIN_WARPS, min(16, nb_pad // SELECT_WARP_BLOCKS)),
     )
     slc_split_kernel[(B * HKV, C, nslc)](
         q, k, v, table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G, G_PAD=G_PAD,
