@@ -232,7 +232,8 @@ class NSACache:
         return layer, table
 
     def _grow(self, layer: LayerCache, need: int, sparsity) -> None:
-        """Double a contiguous cache's capacity until `need` tokens fit (outside any captured graph)."""
+        """Double a contiguous cache's capacity until `need` tokens fit, and bring the layer to it (outside any
+        captured graph; the other layers follow at their own next update)."""
         capacity = self.capacity
         while capacity < need:
             capacity *= 2
@@ -280,7 +281,8 @@ class NSACache:
             self.layers[layer_idx] = layer
         else:
             table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
-            if need > self.capacity:
+            if not self.paged and need > layer.k.shape[1]:
+                # An earlier layer may have grown the capacity already this step.
                 self._grow(layer, need, sparsity)
         # seqlens is updated in place at the end (its storage, like every cache tensor's, stays put between steps).
         past = layer.seqlens.clone()

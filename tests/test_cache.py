@@ -73,6 +73,21 @@ def test_a_growing_cache_keeps_its_compressed_tokens():
     assert cache.capacity == 512 and cache.layers[1].k_cmp.shape[1] == 512 // SMALL.cmp_stride + 1
 
 
+def test_every_layer_of_a_growing_cache_grows():
+    """The first layer to pass the capacity doubles it; the next layers must still grow their own tensors."""
+    layers = [make(), make()]
+    layers[1].layer_idx = 2
+    x = torch.randn(1, 300, 48, dtype=torch.float64)
+    cache = NSACache()
+    outs = [[], []]
+    for t0, t1 in ((0, 10), (10, 300)):
+        for m, out in zip(layers, outs):
+            out.append(m(x[:, t0:t1], cache=cache))
+    for m, out in zip(layers, outs):
+        torch.testing.assert_close(torch.cat(out, 1), m(x), rtol=1e-10, atol=1e-12)
+        assert cache.layers[m.layer_idx].k.shape[1] == cache.capacity == 512
+
+
 def test_cache_keeps_what_spec_says():
     m = make()
     x = torch.randn(1, 45, 48, dtype=torch.float64)
