@@ -22,11 +22,15 @@ no step moves any of its tensors, unless a contiguous cache has to grow), so tha
 pre-sized cache can be captured in a CUDA graph and replayed. A dense attention layer uses the same object and
 fills k, v. With cuda_graph=True the model replays its decode steps from a CUDA graph (NSAModel, DecodeGraph): the
 cache then never grows, and dense layers read it at a fixed shape (every slot, masked by the device lengths).
+Within NSACache.step() (a model's forward over its layers) the index arithmetic on the lengths that every layer's
+update repeats is done once and shared by the layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -58,14 +62,15 @@ class LayerCache:
 class StepState:
     """What one layer attends at one step: its cache after the C new tokens were written.
 
-    past [B] int32 (device) and past_max (host): the tokens before the step; k_win, v_win: the window ring to
-    read (None: the raw k, v); k_cmp_new, v_cmp_new [B, ceil(C/d), HKV, D]: the compressed tokens phi made this
-    step, in block order (the first Tc(C) of them are a prefill's when past is 0).
+    past [B] int32 (device) and past_max (host): the tokens before the step; end [B] int32: the tokens after it;
+    k_win, v_win: the window ring to read (None: the raw k, v); k_cmp_new, v_cmp_new [B, ceil(C/d), HKV, D]: the
+    compressed tokens phi made this step, in block order (the first Tc(C) of them are a prefill's when past is 0).
     """
 
     layer: LayerCache
     block_table: torch.Tensor
     past: torch.Tensor
+    end: torch.Tensor
     past_max: int
     k_win: torch.Tensor | None
     v_win: torch.Tensor | None
@@ -84,16 +89,29 @@ def _per_token(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(*mask.shape, *([1] * (like.dim() - 2)))
 
 
-def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: bool = False) -> list[torch.Tensor]:
-    """For each (ring, new) of `pairs`, the entries at absolute positions pos [B, K] of a sequence whose tokens
-    before past [B] lie in `ring` [B, R, ...] (token s at slot s % R) and whose tokens from past on are `new`
-    [B, C, ...]; the rings share R and the news share C, so the indices are computed once. Positions outside
-    both give an arbitrary entry (callers mask them). in_place (pos [B, R]: the ring's next contents) writes the
-    result into the ring itself, whose storage then never changes, as a replayed CUDA graph needs."""
-    R, C = pairs[0][0].shape[1], pairs[0][1].shape[1]
-    batch = torch.arange(pos.shape[0], device=pos.device)[:, None]
+class RingIndex(NamedTuple):
+    """Where the entries at absolute positions pos [B, K] lie, for a sequence whose tokens before past [B] are in a
+    ring of R slots (token s at slot s % R) and whose tokens from past on are C new ones (see ring_index)."""
+
+    batch: torch.Tensor  # [B, 1]
+    at_new: torch.Tensor  # [B, K]: the index among the new tokens (clamped)
+    at_ring: torch.Tensor  # [B, K]: the ring slot
+    keep: torch.Tensor  # [B, K]: the entry comes from the new tokens
+
+
+def ring_index(past: torch.Tensor, pos: torch.Tensor, R: int, C: int) -> RingIndex:
+    """The RingIndex of positions pos [B, K]; positions outside both the ring and the new tokens get an arbitrary
+    entry (callers mask them)."""
     rel = pos - past[:, None].long()
-    at_new, at_ring, keep = rel.clamp(0, C - 1), pos.clamp_min(0) % R, rel >= 0
+    return RingIndex(torch.arange(pos.shape[0], device=pos.device)[:, None], rel.clamp(0, C - 1),
+                     pos.clamp_min(0) % R, rel >= 0)
+
+
+def gather_positions(pairs, index: RingIndex, in_place: bool = False) -> list[torch.Tensor]:
+    """For each (ring, new) of `pairs` (rings [B, R, ...], news [B, C, ...]), the entries that `index` points at.
+    in_place (index of the ring's next contents, [B, R]) writes the result into the ring itself, whose storage
+    then never changes, as a replayed CUDA graph needs."""
+    batch, at_new, at_ring, keep = index
     out = []
     for ring, new in pairs:
         # ring[batch, at_ring] is a copy, so writing into the ring afterwards reads nothing it overwrote.
@@ -107,25 +125,38 @@ def gather_positions(pairs, past: torch.Tensor, pos: torch.Tensor, in_place: boo
     return out
 
 
-def append_to_rings(pairs, past: torch.Tensor, end: torch.Tensor, ragged: bool) -> None:
-    """For each (ring, new) of `pairs`, in place: the ring [B, R, ...] (token s at slot s % R) moves on from the
-    tokens before past [B] to those before end [B] by taking in the new tokens [B, C, ...] at positions past ..
-    end - 1. ragged: end may fall short of past + C (a sequence appending fewer tokens); the rest are not taken in."""
-    R, C = pairs[0][0].shape[1], pairs[0][1].shape[1]
+class RingAppend(NamedTuple):
+    """How rings of R slots take in C new tokens at positions past .. end - 1 (see append_index): with more new
+    tokens than slots, `gather` (each slot's next content); else the slots [B, C] the new tokens are scattered to,
+    and which of them are taken (None: all)."""
+
+    gather: RingIndex | None
+    batch: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+    taken: torch.Tensor | None = None
+
+
+def append_index(past: torch.Tensor, end: torch.Tensor, R: int, C: int, ragged: bool) -> RingAppend:
+    """The RingAppend of C new tokens; ragged: end may fall short of past + C (a sequence appending fewer tokens),
+    and the rest are not taken in."""
     if C > R:
-        # More new tokens than slots: each slot's new content, gathered from the ring and the new tokens.
-        gather_positions(pairs, past, ring_positions(end, R), in_place=True)
-        return
-    # At most one new token per slot: the new tokens are scattered to their slots.
-    batch = torch.arange(past.shape[0], device=past.device)[:, None]
+        return RingAppend(ring_index(past, ring_positions(end, R), R, C))
     pos = past[:, None].long() + torch.arange(C, device=past.device)
-    slot = pos % R
-    taken = pos < end[:, None] if ragged else None
+    return RingAppend(None, torch.arange(past.shape[0], device=past.device)[:, None], pos % R,
+                      pos < end[:, None] if ragged else None)
+
+
+def append_to_rings(pairs, index: RingAppend) -> None:
+    """For each (ring, new) of `pairs` (rings [B, R, ...], news [B, C, ...]), in place: the ring takes in the new
+    tokens as `index` says."""
+    if index.gather is not None:
+        gather_positions(pairs, index.gather, in_place=True)
+        return
     for ring, new in pairs:
         new = new.to(ring.dtype)
-        if ragged:
-            new = torch.where(_per_token(taken, new), new, ring[batch, slot])
-        ring[batch, slot] = new
+        if index.taken is not None:
+            new = torch.where(_per_token(index.taken, new), new, ring[index.batch, index.slot])
+        ring[index.batch, index.slot] = new
 
 
 def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
@@ -134,6 +165,24 @@ def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
     r = torch.arange(size, device=end.device)
     last = end.long()[:, None] - 1
     return last - (last - r) % size
+
+
+def _compress_index(past: torch.Tensor, end: torch.Tensor, C: int, cfg: SparsityConfig, rows_per_seq: int,
+                    ragged: bool):
+    """phi's index arithmetic for C new tokens: the rows of k_cmp [B * rows_per_seq] its blocks go to (a block not
+    complete yet to the scratch row, so that each real row is written once, with no host check), the blocks'
+    starts among the gathered tokens, the RingIndex of those tokens (in the tail ring of l slots, or new) and the
+    tail ring's RingAppend."""
+    l, d = cfg.cmp_block, cfg.cmp_stride
+    B, nb = past.shape[0], (C - 1) // d + 1
+    # Block i ends at i*d + l - 1: the first one ending at or after `past`, and the next nb - 1.
+    first = ((past.long() - l + 1).clamp_min(0) + d - 1) // d
+    i = first[:, None] + torch.arange(nb, device=past.device)
+    done = i * d + l <= end[:, None]
+    token = (i * d)[:, :, None] + torch.arange(l, device=past.device)
+    target = torch.where(done, i, rows_per_seq - 1) + torch.arange(B, device=past.device)[:, None] * rows_per_seq
+    return (target.flatten(), torch.arange(nb, device=past.device) * l, ring_index(past, token.flatten(1), l, C),
+            append_index(past, end, l, C, ragged))
 
 
 class NSACache:
@@ -173,6 +222,10 @@ class NSACache:
         self.graph = None
         self.layers: list[LayerCache | None] = []
         self.lengths: list[int] = []
+        # Whether every update so far appended the same number of tokens to every sequence (no `lengths`), and
+        # the index tensors the layers share within step().
+        self.uniform = True
+        self._memo: dict | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -197,6 +250,27 @@ class NSACache:
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         return None if layer is None else layer.seqlens
 
+    @contextlib.contextmanager
+    def step(self):
+        """One forward of a stack of layers over the same new tokens (NSAModel runs its layers in it): the index
+        arithmetic on the lengths that each layer's update repeats (the pool rows of the new tokens, phi's blocks,
+        the rings' slots) is done by the first layer and reused by the others. Sound while the cache is uniform
+        (no update passed `lengths`): every device length of a layer is then its host length, so layers of equal
+        host length get equal indices."""
+        previous, self._memo = self._memo, {}
+        try:
+            yield self
+        finally:
+            self._memo = previous
+
+    def _per_step(self, key, make):
+        """make() (index tensors), or within step() what the first layer with this key made."""
+        if self._memo is None or not self.uniform:
+            return make()
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
     def check_room(self, need: int) -> None:
         """Refuse `need` tokens per sequence beyond the capacity of a cache that cannot grow (paged, or made for
         CUDA graphs)."""
@@ -210,11 +284,9 @@ class NSACache:
         kw = dict(dtype=k.dtype, device=k.device)
         if self.paged:
             pool = (self.num_pages, self.page_size)
-            table = self.block_table
         else:
             self.capacity = max(self.capacity or 0, need)
             pool = (B, self.capacity)
-            table = torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
         layer = LayerCache(torch.zeros(*pool, HKV, DK, **kw), torch.zeros(*pool, HKV, DV, **kw),
                            torch.zeros(B, dtype=torch.int32, device=k.device))
         if k_cmp_raw is not None:
@@ -229,7 +301,7 @@ class NSACache:
                 ring = sparsity.window + RING_SLACK - 1
                 layer.k_win = torch.zeros(B, ring, HKV, DK, **kw)
                 layer.v_win = torch.zeros(B, ring, HKV, DV, **kw)
-        return layer, table
+        return layer
 
     def _grow(self, layer: LayerCache, need: int, sparsity) -> None:
         """Double a contiguous cache's capacity until `need` tokens fit, and bring the layer to it (outside any
@@ -277,62 +349,64 @@ class NSACache:
         if layer is None:
             # A growing cache starts with some room; one for CUDA graphs holds exactly its capacity.
             room = need if self.cuda_graph else max(need, 2 * C, 256)
-            layer, table = self._allocate(k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, room)
+            layer = self._allocate(k, v, k_win, k_cmp_raw, v_cmp_raw, sparsity, room)
             self.layers[layer_idx] = layer
-        else:
-            table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=k.device)[:, None]
-            if not self.paged and need > layer.k.shape[1]:
-                # An earlier layer may have grown the capacity already this step.
-                self._grow(layer, need, sparsity)
+        elif not self.paged and need > layer.k.shape[1]:
+            # An earlier layer may have grown the capacity already this step.
+            self._grow(layer, need, sparsity)
+        if lengths is not None:
+            self.uniform = False
+        key = (self.lengths[layer_idx], B, C)
         # seqlens is updated in place at the end (its storage, like every cache tensor's, stays put between steps).
-        past = layer.seqlens.clone()
-        end = past + (C if lengths is None else lengths.to(torch.int32))
-        P = layer.k.shape[1]
-        pos = past[:, None].long() + torch.arange(C, device=k.device)
-        rows = (table.long().gather(1, pos // P) * P + pos % P).flatten()
+        past, end, table, rows = self._per_step(("update", *key, layer.k.shape[1]),
+                                                lambda: self._new_rows(layer, C, lengths))
         layer.k.view(-1, *k.shape[2:]).index_copy_(0, rows, k.flatten(0, 1).to(layer.k.dtype))
         layer.v.view(-1, *v.shape[2:]).index_copy_(0, rows, v.flatten(0, 1).to(layer.v.dtype))
-        state = StepState(layer, table, past, self.lengths[layer_idx], None, None)
+        state = StepState(layer, table, past, end, self.lengths[layer_idx], None, None)
         if k_cmp_raw is not None:
             ragged = lengths is not None
-            self._compress(layer, state, past, end, ragged, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
+            self._compress(layer, state, key, ragged, k_cmp_raw, v_cmp_raw, position_ids, compress, sparsity)
             if k_win is not None:
-                state.k_win, state.v_win = self._window(layer, past, end, ragged, k_win, v_win, C, sparsity)
+                state.k_win, state.v_win = self._window(layer, state, key, ragged, k_win, v_win, sparsity)
         layer.seqlens.copy_(end)
         self.lengths[layer_idx] = need
         return state
 
-    def _compress(self, layer, state, past, end, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
+    def _new_rows(self, layer: LayerCache, C: int, lengths: torch.Tensor | None):
+        """past, end [B] int32 (the lengths before and after the step), the block table [B, max_pages] and the
+        pool rows [B * C] of the C new tokens."""
+        B, P = layer.seqlens.shape[0], layer.k.shape[1]
+        table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=layer.k.device)[:, None]
+        past = layer.seqlens.clone()
+        end = past + (C if lengths is None else lengths.to(torch.int32))
+        pos = past[:, None].long() + torch.arange(C, device=past.device)
+        return past, end, table, (table.long().gather(1, pos // P) * P + pos % P).flatten()
+
+    def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens; the tail ring moves on."""
-        l, d = cfg.cmp_block, cfg.cmp_stride
-        B, C = k_raw.shape[:2]
-        nb = (C - 1) // d + 1
-        # Block i ends at i*d + l - 1: the first one ending at or after `past`, and the next nb - 1.
-        first = ((past.long() - l + 1).clamp_min(0) + d - 1) // d
-        i = first[:, None] + torch.arange(nb, device=k_raw.device)
-        done = i * d + l <= end[:, None]
-        token = (i * d)[:, :, None] + torch.arange(l, device=k_raw.device)
+        rows_per_seq = layer.k_cmp.shape[1]
+        target, starts, blocks_at, tail_append = self._per_step(
+            ("compress", *key, cfg, rows_per_seq),
+            lambda: _compress_index(state.past, state.end, k_raw.shape[1], cfg, rows_per_seq, ragged))
         tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)),
                  (layer.pos_tail, position_ids.long()))
-        blocks = gather_positions(tails, past, token.flatten(1))
-        starts = torch.arange(nb, device=k_raw.device) * l
-        k_cmp, v_cmp = compress(*blocks, starts)
-        rows_per_seq = layer.k_cmp.shape[1]
-        # Blocks not complete yet go to the scratch row: each real row is written once, with no host check.
-        target = torch.where(done, i, rows_per_seq - 1) + torch.arange(B, device=i.device)[:, None] * rows_per_seq
-        layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target.flatten(), k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
-        layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target.flatten(), v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
+        k_cmp, v_cmp = compress(*gather_positions(tails, blocks_at), starts)
+        layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target, k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
+        layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target, v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp
-        append_to_rings(tails, past, end, ragged)
+        append_to_rings(tails, tail_append)
 
-    def _window(self, layer, past, end, ragged, k_win, v_win, C, cfg: SparsityConfig):
+    def _window(self, layer, state, key, ragged, k_win, v_win, cfg: SparsityConfig):
         """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
+        C, R = k_win.shape[1], layer.k_win.shape[1]
         size = cfg.window + C - 1
-        step = None
-        if size > layer.k_win.shape[1]:
-            at = ring_positions(end, size)
-            step = tuple(gather_positions(((layer.k_win, k_win), (layer.v_win, v_win)), past, at))
-        append_to_rings(((layer.k_win, k_win), (layer.v_win, v_win)), past, end, ragged)
+        wide, append = self._per_step(
+            ("window", *key, size, R),
+            lambda: (ring_index(state.past, ring_positions(state.end, size), R, C) if size > R else None,
+                     append_index(state.past, state.end, R, C, ragged)))
+        rings = ((layer.k_win, k_win), (layer.v_win, v_win))
+        step = None if wide is None else tuple(gather_positions(rings, wide))
+        append_to_rings(rings, append)
         return step or (layer.k_win, layer.v_win)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -7,6 +7,8 @@ named `cache` (transformers >= 5.18) or `past_key_values` (earlier 5.x); both ar
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,9 +158,10 @@ class NSAModel(NSAPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
     def _decoder(self, hidden_states, position_ids, cache, cu_seqlens=None) -> torch.Tensor:
-        """The layers and the final norm."""
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
+        """The layers and the final norm (with a cache, as one step of it: the layers share its index arithmetic)."""
+        with cache.step() if cache is not None else contextlib.nullcontext():
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, position_ids=position_ids, cache=cache, cu_seqlens=cu_seqlens)
         return self.norm(hidden_states)
 
     def _graph_step(self, input_ids, position_ids, cache: NSACache) -> torch.Tensor:
