@@ -170,9 +170,9 @@ def ring_positions(end: torch.Tensor, size: int) -> torch.Tensor:
 def _compress_index(past: torch.Tensor, end: torch.Tensor, C: int, cfg: SparsityConfig, rows_per_seq: int,
                     ragged: bool):
     """phi's index arithmetic for C new tokens: the rows of k_cmp [B * rows_per_seq] its blocks go to (a block not
-    complete yet to the scratch row, so that each real row is written once, with no host check), the blocks'
-    starts among the gathered tokens, the RingIndex of those tokens (in the tail ring of l slots, or new) and the
-    tail ring's RingAppend."""
+    complete yet to the scratch row, so that each real row is written once, with no host check), the RingIndex of
+    the blocks' tokens, one block after the other (in the tail ring of l slots, or new), and the tail ring's
+    RingAppend."""
     l, d = cfg.cmp_block, cfg.cmp_stride
     B, nb = past.shape[0], (C - 1) // d + 1
     # Block i ends at i*d + l - 1: the first one ending at or after `past`, and the next nb - 1.
@@ -181,8 +181,7 @@ def _compress_index(past: torch.Tensor, end: torch.Tensor, C: int, cfg: Sparsity
     done = i * d + l <= end[:, None]
     token = (i * d)[:, :, None] + torch.arange(l, device=past.device)
     target = torch.where(done, i, rows_per_seq - 1) + torch.arange(B, device=past.device)[:, None] * rows_per_seq
-    return (target.flatten(), torch.arange(nb, device=past.device) * l, ring_index(past, token.flatten(1), l, C),
-            append_index(past, end, l, C, ragged))
+    return target.flatten(), ring_index(past, token.flatten(1), l, C), append_index(past, end, l, C, ragged)
 
 
 class NSACache:
@@ -328,7 +327,8 @@ class NSACache:
             k_cmp_raw, v_cmp_raw: [B, C, HKV, DK/DV] the compressed branch's new keys and values before phi; None
                 for a dense layer (then no compressed tokens are kept).
             position_ids: [B, C] positions of the new tokens (phi rotates a compressed key at its block's last).
-            compress: (k, v, position_ids, starts) -> (k_cmp, v_cmp), the module's phi (NativeSparseAttention.compress).
+            compress: (k, v, position_ids) -> (k_cmp, v_cmp), the module's phi (NativeSparseAttention.compress)
+                over k, v [B, Nc * l, HKV, D] holding Nc blocks one after the other.
             sparsity: the layer's knobs.
             lengths: int32 [B] (device), how many of the C tokens each sequence really appends (default all C):
                 sequences of different lengths in one batch; the outputs of the tokens past a sequence's count are
@@ -385,12 +385,13 @@ class NSACache:
     def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens; the tail ring moves on."""
         rows_per_seq = layer.k_cmp.shape[1]
-        target, starts, blocks_at, tail_append = self._per_step(
+        target, blocks_at, tail_append = self._per_step(
             ("compress", *key, cfg, rows_per_seq),
             lambda: _compress_index(state.past, state.end, k_raw.shape[1], cfg, rows_per_seq, ragged))
         tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)),
                  (layer.pos_tail, position_ids.long()))
-        k_cmp, v_cmp = compress(*gather_positions(tails, blocks_at), starts)
+        # The gathered blocks lie one after the other: phi reads them in place.
+        k_cmp, v_cmp = compress(*gather_positions(tails, blocks_at))
         layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target, k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
         layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target, v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp

@@ -132,11 +132,15 @@ class Compressor(nn.Module):
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
 
-    def forward(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, D], starts [Nc] (first token of each block) -> [B, Nc, H, D]."""
+    def forward(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H, D], starts [Nc] (first token of each block) -> [B, Nc, H, D]; without starts, x holds the
+        blocks one after the other (T = Nc * l, as a decode step gathers them)."""
         B, _, H, D = x.shape
-        offsets = torch.arange(self.block, device=x.device)
-        blocks = x[:, starts[:, None] + offsets] + self.pos[:, None].to(x.dtype)  # [B, Nc, l, H, D]
+        if starts is None:
+            blocks = x.unflatten(1, (-1, self.block))
+        else:
+            blocks = x[:, starts[:, None] + torch.arange(self.block, device=x.device)]
+        blocks = blocks + self.pos[:, None].to(x.dtype)  # [B, Nc, l, H, D]
         flat = blocks.transpose(2, 3).reshape(B, -1, H, self.block * D)
         return blocks.mean(dim=2) + self.fc2(F.silu(self.fc1(flat)))
 
@@ -244,13 +248,17 @@ class NativeSparseAttention(nn.Module):
         out["gates"] = self.gate(hidden_states).to(out["q"].dtype)
         return out
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, starts: torch.Tensor):
-        """phi over the blocks starting at `starts` [Nc] of k [B, T, HKV, DK], v [B, T, HKV, DV] (unrotated).
+    def compress(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
+                 starts: torch.Tensor | None = None):
+        """phi over the blocks starting at `starts` [Nc] of k [B, T, HKV, DK], v [B, T, HKV, DV] (unrotated), or
+        without starts over the consecutive blocks of l tokens that k and v hold (T = Nc * l).
 
         Returns k_cmp [B, Nc, HKV, DK], rotated at the position_ids [B, T] of each block's last token, and
         v_cmp [B, Nc, HKV, DV].
         """
-        cos, sin = self.rotary(position_ids[:, starts + self.sparsity.cmp_block - 1], k.dtype)
+        l = self.sparsity.cmp_block
+        last = position_ids.unflatten(1, (-1, l))[:, :, -1] if starts is None else position_ids[:, starts + l - 1]
+        cos, sin = self.rotary(last, k.dtype)
         return apply_rotary(self.k_phi(k, starts), cos, sin), self.v_phi(v, starts)
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,

@@ -37,6 +37,13 @@ def phi_by_loop(phi: Compressor, x, starts):
     return torch.stack(out, dim=1) if out else x.new_zeros(x.shape[0], 0, *x.shape[2:])
 
 
+def test_phi_reads_consecutive_blocks_without_starts():
+    """Without starts phi takes x as blocks of l one after the other (what a decode step gathers)."""
+    phi = Compressor(4, 6).double()
+    x = torch.randn(2, 12, 3, 6, dtype=torch.float64)
+    torch.testing.assert_close(phi(x), phi_by_loop(phi, x, torch.arange(3) * 4), rtol=1e-12, atol=1e-13)
+
+
 def by_hand(m: NativeSparseAttention, x, pos):
     """The module's forward spelled out from its weights, ending in nsa.nsa_attention."""
     B, T, _ = x.shape
