@@ -253,22 +253,25 @@ class NSACache:
     def step(self):
         """One forward of a stack of layers over the same new tokens (NSAModel runs its layers in it): the index
         arithmetic on the lengths that each layer's update repeats (the pool rows of the new tokens, phi's blocks,
-        the rings' slots) is done by the first layer and reused by the others. Sound while the cache is uniform
-        (no update passed `lengths`): every device length of a layer is then its host length, so layers of equal
-        host length get equal indices."""
+        the rings' slots, and the layers' RoPE phases) is done by the first layer and reused by the others. Sound
+        while the cache is uniform (no update passed `lengths`): every device length of a layer is then its host
+        length, so layers of equal host length get equal indices."""
         previous, self._memo = self._memo, {}
         try:
             yield self
         finally:
             self._memo = previous
 
-    def _per_step(self, key, make):
-        """make() (index tensors), or within step() what the first layer with this key made."""
-        if self._memo is None or not self.uniform:
+    def per_step(self, key, make, anchor: torch.Tensor | None = None):
+        """make(), or within step() what the first caller with this key made. Without an anchor the key holds a
+        layer's host length and needs a uniform cache; with one (the tensor the value derives from, such as the
+        step's position_ids) the value is shared only among calls that pass that very tensor."""
+        if self._memo is None or (anchor is None and not self.uniform):
             return make()
-        if key not in self._memo:
-            self._memo[key] = make()
-        return self._memo[key]
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not anchor:
+            hit = self._memo[key] = (anchor, make())
+        return hit[1]
 
     def check_room(self, need: int) -> None:
         """Refuse `need` tokens per sequence beyond the capacity of a cache that cannot grow (paged, or made for
@@ -358,7 +361,7 @@ class NSACache:
             self.uniform = False
         key = (self.lengths[layer_idx], B, C)
         # seqlens is updated in place at the end (its storage, like every cache tensor's, stays put between steps).
-        past, end, table, rows = self._per_step(("update", *key, layer.k.shape[1]),
+        past, end, table, rows = self.per_step(("update", *key, layer.k.shape[1]),
                                                 lambda: self._new_rows(layer, C, lengths))
         layer.k.view(-1, *k.shape[2:]).index_copy_(0, rows, k.flatten(0, 1).to(layer.k.dtype))
         layer.v.view(-1, *v.shape[2:]).index_copy_(0, rows, v.flatten(0, 1).to(layer.v.dtype))
@@ -385,7 +388,7 @@ class NSACache:
     def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens; the tail ring moves on."""
         rows_per_seq = layer.k_cmp.shape[1]
-        target, blocks_at, tail_append = self._per_step(
+        target, blocks_at, tail_append = self.per_step(
             ("compress", *key, cfg, rows_per_seq),
             lambda: _compress_index(state.past, state.end, k_raw.shape[1], cfg, rows_per_seq, ragged))
         tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)),
@@ -401,7 +404,7 @@ class NSACache:
         """Move the window ring on; return the ring the step reads (the cache's, or a wider one for a long chunk)."""
         C, R = k_win.shape[1], layer.k_win.shape[1]
         size = cfg.window + C - 1
-        wide, append = self._per_step(
+        wide, append = self.per_step(
             ("window", *key, size, R),
             lambda: (ring_index(state.past, ring_positions(state.end, size), R, C) if size > R else None,
                      append_index(state.past, state.end, R, C, ragged)))

@@ -37,6 +37,13 @@ def rotary_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: tor
     return angles.cos(), angles.sin()
 
 
+def step_rotary(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.dtype, cache=None):
+    """rotary_cos_sin, made once per step of an NSACache for every layer that passes the same position_ids (within
+    the cache's step(), which a model's forward enters)."""
+    make = lambda: rotary_cos_sin(position_ids, dim, base, dtype)  # noqa: E731
+    return make() if cache is None else cache.per_step(("rope", dim, base, dtype), make, anchor=position_ids)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, N, H, D] by the phases cos, sin [B, N, 1, D]; arithmetic in cos's dtype, x's dtype out."""
     xs = x.to(cos.dtype)
@@ -222,15 +229,16 @@ class NativeSparseAttention(nn.Module):
         self.v_phi = Compressor(self.sparsity.cmp_block, self.v_head_dim)
         self.gate = Gate(hidden_size, num_heads)
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        return rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, stat_dtype(dtype))
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype, cache=None):
+        return step_rotary(position_ids, self.head_dim, self.rope_theta, stat_dtype(dtype), cache)
 
-    def project(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def project(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, cache=None) -> dict[str, torch.Tensor]:
         """The per-token inputs of the attention core.
 
         Args:
             hidden_states: [B, T, hidden_size].
             position_ids: [B, T].
+            cache: an NSACache whose step() shares the RoPE phases between layers (optional).
         Returns:
             q [B, T, HQ, DK] (rotated); k_<branch> [B, T, HKV, DK] and v_<branch> [B, T, HKV, DV] for the
             branches cmp, slc (and win unless shared), k_slc and k_win rotated, k_cmp not (phi reads it raw);
@@ -238,7 +246,7 @@ class NativeSparseAttention(nn.Module):
         """
         B, T, _ = hidden_states.shape
         H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
-        cos, sin = self.rotary(position_ids, hidden_states.dtype)
+        cos, sin = self.rotary(position_ids, hidden_states.dtype, cache)
         out = {"q": apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, DK), cos, sin)}
         kv = self.kv_proj(hidden_states).split([H * DK, H * DV] * len(self.kv_branches), dim=-1)
         for i, branch in enumerate(self.kv_branches):
@@ -278,7 +286,7 @@ class NativeSparseAttention(nn.Module):
         B, T, _ = hidden_states.shape
         position_ids = _check_call(self, hidden_states, position_ids, cache, cu_seqlens)
         past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
-        x = self.project(hidden_states, position_ids)
+        x = self.project(hidden_states, position_ids, cache)
         k_win, v_win = (x["k_slc"], x["v_slc"]) if self.share_win_kv else (x["k_win"], x["v_win"])
         if cache is None:
             starts = cmp_block_starts(T, self.sparsity, cu_seqlens, hidden_states.device)
@@ -319,7 +327,7 @@ class DenseAttention(nn.Module):
         B, T, _ = hidden_states.shape
         position_ids = _check_call(self, hidden_states, position_ids, cache, cu_seqlens)
         H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
-        cos, sin = rotary_cos_sin(position_ids, DK, self.rope_theta, stat_dtype(hidden_states.dtype))
+        cos, sin = step_rotary(position_ids, DK, self.rope_theta, stat_dtype(hidden_states.dtype), cache)
         q = apply_rotary(self.q_proj(hidden_states).view(B, T, self.num_heads, DK), cos, sin)
         k, v = self.kv_proj(hidden_states).split([H * DK, H * DV], dim=-1)
         k, v = apply_rotary(k.view(B, T, H, DK), cos, sin), v.view(B, T, H, DV)

@@ -89,17 +89,19 @@ def test_every_layer_of_a_growing_cache_grows():
 
 
 def test_the_layers_of_a_step_share_their_index_arithmetic():
-    """Within cache.step() (a model's forward) the second layer reuses the index tensors of the first (one entry per
-    kind), with the outputs of layers updated apart; a cache that took sequences of different lengths shares none."""
+    """Within cache.step() (a model's forward) the second layer reuses the index tensors and RoPE phases of the
+    first (one entry per kind), with the outputs of layers updated apart; a cache that took sequences of different
+    lengths shares no index tensors."""
     layers = [make(), make()]
     layers[0].layer_idx = 0
     x = torch.randn(2, 40, 48, dtype=torch.float64)
     apart, shared = NSACache(), NSACache()
     for t0, t1 in ((0, 20), (20, 21), (21, 30), (30, 31)):
-        ref = [m(x[:, t0:t1], cache=apart) for m in layers]
+        pos = torch.arange(t0, t1).expand(2, -1)
+        ref = [m(x[:, t0:t1], position_ids=pos, cache=apart) for m in layers]
         with shared.step():
-            out = [m(x[:, t0:t1], cache=shared) for m in layers]
-            assert sorted(key[0] for key in shared._memo) == ["compress", "update", "window"]
+            out = [m(x[:, t0:t1], position_ids=pos, cache=shared) for m in layers]
+            assert sorted(key[0] for key in shared._memo) == ["compress", "rope", "update", "window"]
         for a, b in zip(ref, out):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     m = layers[1]
@@ -109,7 +111,7 @@ def test_the_layers_of_a_step_share_their_index_arithmetic():
                   sparsity=SMALL, lengths=torch.tensor([2, 1], dtype=torch.int32))
     with shared.step():
         layers[0](x[:, 31:32], cache=shared)
-        assert not shared._memo
+        assert [key[0] for key in shared._memo] == ["rope"]
 
 
 def test_cache_keeps_what_spec_says():
