@@ -7,8 +7,9 @@ Per layer, for B sequences of possibly different lengths (seqlens [B] int32, on 
       cache has the pages and the table of its owner (a serving engine) and a fixed capacity.
     - k_cmp, v_cmp [B, capacity // d + 1, HKV, DK/DV]: the compressed tokens, grown by phi whenever a block
       completes (one every d tokens once l are available); the last row is scratch for blocks that did not.
-    - k_tail, v_tail [B, l, HKV, DK/DV], pos_tail [B, l]: the last l raw (unrotated) keys and values of the
-      compressed branch and their positions, as a ring (token s at slot s % l): all a block still to complete needs.
+    - k_tail, v_tail [B, l, HKV, DK/DV]: the last l raw (unrotated) keys and values of the compressed branch, as a
+      ring (token s at slot s % l): all a block still to complete needs (its last token, whose position rotates
+      its compressed key, is always among the new tokens of the step that completes it).
     - k_win, v_win [B, w + RING_SLACK - 1, HKV, DK/DV]: the window branch's last keys and values as a ring (absent
       when the window branch shares the selected branch's, which k and v already hold).
 
@@ -53,7 +54,6 @@ class LayerCache:
     v_cmp: torch.Tensor | None = None
     k_tail: torch.Tensor | None = None
     v_tail: torch.Tensor | None = None
-    pos_tail: torch.Tensor | None = None
     k_win: torch.Tensor | None = None
     v_win: torch.Tensor | None = None
 
@@ -171,8 +171,9 @@ def _compress_index(past: torch.Tensor, end: torch.Tensor, C: int, cfg: Sparsity
                     ragged: bool):
     """phi's index arithmetic for C new tokens: the rows of k_cmp [B * rows_per_seq] its blocks go to (a block not
     complete yet to the scratch row, so that each real row is written once, with no host check), the RingIndex of
-    the blocks' tokens, one block after the other (in the tail ring of l slots, or new), and the tail ring's
-    RingAppend."""
+    the blocks' tokens, one block after the other (in the tail ring of l slots, or new), the index among the new
+    tokens of each block's last token [B, nb] (a complete block's is new; an incomplete one's is clamped, and its
+    row is scratch) and the tail ring's RingAppend."""
     l, d = cfg.cmp_block, cfg.cmp_stride
     B, nb = past.shape[0], (C - 1) // d + 1
     # Block i ends at i*d + l - 1: the first one ending at or after `past`, and the next nb - 1.
@@ -181,7 +182,9 @@ def _compress_index(past: torch.Tensor, end: torch.Tensor, C: int, cfg: Sparsity
     done = i * d + l <= end[:, None]
     token = (i * d)[:, :, None] + torch.arange(l, device=past.device)
     target = torch.where(done, i, rows_per_seq - 1) + torch.arange(B, device=past.device)[:, None] * rows_per_seq
-    return target.flatten(), ring_index(past, token.flatten(1), l, C), append_index(past, end, l, C, ragged)
+    last_at = (i * d + l - 1 - past[:, None].long()).clamp(0, C - 1)
+    return (target.flatten(), ring_index(past, token.flatten(1), l, C), last_at,
+            append_index(past, end, l, C, ragged))
 
 
 class NSACache:
@@ -262,12 +265,14 @@ class NSACache:
         finally:
             self._memo = previous
 
-    def per_step(self, key, make, anchor: torch.Tensor | None = None):
-        """make(), or within step() what the first caller with this key made. Without an anchor the key holds a
-        layer's host length and needs a uniform cache; with one (the tensor the value derives from, such as the
-        step's position_ids) the value is shared only among calls that pass that very tensor."""
-        if self._memo is None or (anchor is None and not self.uniform):
+    def per_step(self, key, make, anchor: torch.Tensor | None = None, needs_uniform: bool = True):
+        """make(), or within step() what the first caller with this key made. A value computed from a layer's
+        lengths (its key holds the host length) needs a uniform cache; one computed from a tensor (anchor, such as
+        the step's position_ids) is shared only among calls that pass that very tensor."""
+        if self._memo is None or (needs_uniform and not self.uniform):
             return make()
+        if anchor is not None:
+            key = (*key, id(anchor))
         hit = self._memo.get(key)
         if hit is None or hit[0] is not anchor:
             hit = self._memo[key] = (anchor, make())
@@ -298,7 +303,6 @@ class NSACache:
             layer.v_cmp = torch.zeros(B, rows, HKV, DV, **kw)
             layer.k_tail = torch.zeros(B, l, HKV, DK, dtype=k_cmp_raw.dtype, device=k.device)
             layer.v_tail = torch.zeros(B, l, HKV, DV, dtype=v_cmp_raw.dtype, device=k.device)
-            layer.pos_tail = torch.zeros(B, l, dtype=torch.long, device=k.device)
             if k_win is not None:
                 ring = sparsity.window + RING_SLACK - 1
                 layer.k_win = torch.zeros(B, ring, HKV, DK, **kw)
@@ -330,8 +334,9 @@ class NSACache:
             k_cmp_raw, v_cmp_raw: [B, C, HKV, DK/DV] the compressed branch's new keys and values before phi; None
                 for a dense layer (then no compressed tokens are kept).
             position_ids: [B, C] positions of the new tokens (phi rotates a compressed key at its block's last).
-            compress: (k, v, position_ids) -> (k_cmp, v_cmp), the module's phi (NativeSparseAttention.compress)
-                over k, v [B, Nc * l, HKV, D] holding Nc blocks one after the other.
+            compress: (k, v, last_positions) -> (k_cmp, v_cmp), the module's phi (NativeSparseAttention.compress)
+                over k, v [B, Nc * l, HKV, D] holding Nc blocks one after the other, whose last tokens are at
+                last_positions [B, Nc].
             sparsity: the layer's knobs.
             lengths: int32 [B] (device), how many of the C tokens each sequence really appends (default all C):
                 sequences of different lengths in one batch; the outputs of the tokens past a sequence's count are
@@ -388,13 +393,14 @@ class NSACache:
     def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens; the tail ring moves on."""
         rows_per_seq = layer.k_cmp.shape[1]
-        target, blocks_at, tail_append = self.per_step(
+        target, blocks_at, last_at, tail_append = self.per_step(
             ("compress", *key, cfg, rows_per_seq),
             lambda: _compress_index(state.past, state.end, k_raw.shape[1], cfg, rows_per_seq, ragged))
-        tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)),
-                 (layer.pos_tail, position_ids.long()))
+        tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)))
+        last = self.per_step(("last_positions", *key, cfg), lambda: position_ids.long().gather(1, last_at),
+                             anchor=position_ids)
         # The gathered blocks lie one after the other: phi reads them in place.
-        k_cmp, v_cmp = compress(*gather_positions(tails, blocks_at))
+        k_cmp, v_cmp = compress(*gather_positions(tails, blocks_at), last)
         layer.k_cmp.view(-1, *k_cmp.shape[2:]).index_copy_(0, target, k_cmp.flatten(0, 1).to(layer.k_cmp.dtype))
         layer.v_cmp.view(-1, *v_cmp.shape[2:]).index_copy_(0, target, v_cmp.flatten(0, 1).to(layer.v_cmp.dtype))
         state.k_cmp_new, state.v_cmp_new = k_cmp, v_cmp

@@ -41,7 +41,8 @@ def step_rotary(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.
     """rotary_cos_sin, made once per step of an NSACache for every layer that passes the same position_ids (within
     the cache's step(), which a model's forward enters)."""
     make = lambda: rotary_cos_sin(position_ids, dim, base, dtype)  # noqa: E731
-    return make() if cache is None else cache.per_step(("rope", dim, base, dtype), make, anchor=position_ids)
+    return make() if cache is None else cache.per_step(("rope", dim, base, dtype), make, position_ids,
+                                                                  needs_uniform=False)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -256,17 +257,15 @@ class NativeSparseAttention(nn.Module):
         out["gates"] = self.gate(hidden_states).to(out["q"].dtype)
         return out
 
-    def compress(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
-                 starts: torch.Tensor | None = None):
+    def compress(self, k: torch.Tensor, v: torch.Tensor, last_positions: torch.Tensor,
+                 starts: torch.Tensor | None = None, cache=None):
         """phi over the blocks starting at `starts` [Nc] of k [B, T, HKV, DK], v [B, T, HKV, DV] (unrotated), or
         without starts over the consecutive blocks of l tokens that k and v hold (T = Nc * l).
 
-        Returns k_cmp [B, Nc, HKV, DK], rotated at the position_ids [B, T] of each block's last token, and
-        v_cmp [B, Nc, HKV, DV].
+        Returns k_cmp [B, Nc, HKV, DK], rotated at last_positions [B, Nc] (the position of each block's last
+        token), and v_cmp [B, Nc, HKV, DV]. cache: an NSACache whose step() shares the phases between layers.
         """
-        l = self.sparsity.cmp_block
-        last = position_ids.unflatten(1, (-1, l))[:, :, -1] if starts is None else position_ids[:, starts + l - 1]
-        cos, sin = self.rotary(last, k.dtype)
+        cos, sin = self.rotary(last_positions, k.dtype, cache)
         return apply_rotary(self.k_phi(k, starts), cos, sin), self.v_phi(v, starts)
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
@@ -290,13 +289,15 @@ class NativeSparseAttention(nn.Module):
         k_win, v_win = (x["k_slc"], x["v_slc"]) if self.share_win_kv else (x["k_win"], x["v_win"])
         if cache is None:
             starts = cmp_block_starts(T, self.sparsity, cu_seqlens, hidden_states.device)
-            k_cmp, v_cmp = self.compress(x["k_cmp"], x["v_cmp"], position_ids, starts)
+            last = position_ids[:, starts + self.sparsity.cmp_block - 1]
+            k_cmp, v_cmp = self.compress(x["k_cmp"], x["v_cmp"], last, starts)
             o = nsa_attention(x["q"], x["k_slc"], x["v_slc"], k_cmp, v_cmp, x["gates"], k_win=k_win, v_win=v_win,
                               config=self.sparsity, cu_seqlens=cu_seqlens)
         else:
             state = cache.update(self.layer_idx, x["k_slc"], x["v_slc"], k_win=None if self.share_win_kv else k_win,
                                  v_win=None if self.share_win_kv else v_win, k_cmp_raw=x["k_cmp"],
-                                 v_cmp_raw=x["v_cmp"], position_ids=position_ids, compress=self.compress,
+                                 v_cmp_raw=x["v_cmp"], position_ids=position_ids,
+                                 compress=lambda k, v, last: self.compress(k, v, last, cache=cache),
                                  sparsity=self.sparsity)
             if past == 0:
                 # A prefill is the training path over the prompt: the fast kernels serve it.
@@ -338,8 +339,12 @@ class DenseAttention(nn.Module):
                 # A decode step of fixed shape (a CUDA graph replays it at every length): all slots, key s visible
                 # to query t of sequence b iff s <= past[b] + t, from the device lengths.
                 k, v = state.contiguous_kv(cache.capacity)
-                t = state.past.long()[:, None] + torch.arange(T, device=q.device)
-                allowed = (torch.arange(k.shape[1], device=q.device) <= t[:, :, None])[:, None]
+
+                def visible():
+                    t = state.past.long()[:, None] + torch.arange(T, device=q.device)
+                    return (torch.arange(k.shape[1], device=q.device) <= t[:, :, None])[:, None]
+
+                allowed = cache.per_step(("dense_mask", state.past_max, B, T, k.shape[1]), visible)
             else:
                 past = state.past_max
                 k, v = state.contiguous_kv(past + T)

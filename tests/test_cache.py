@@ -46,7 +46,7 @@ def test_incremental_phi_and_selection_match_training_path():
     pos = torch.arange(T)[None]
     p = m.project(x, pos)
     starts = torch.arange(SMALL.num_cmp(T)) * SMALL.cmp_stride
-    k_cmp, v_cmp = m.compress(p["k_cmp"], p["v_cmp"], pos, starts)
+    k_cmp, v_cmp = m.compress(p["k_cmp"], p["v_cmp"], pos[:, starts + SMALL.cmp_block - 1], starts)
     _, idx = nsa.nsa_attention(p["q"], p["k_slc"], p["v_slc"], k_cmp, v_cmp, p["gates"], k_win=p["k_win"],
                                v_win=p["v_win"], config=SMALL, return_indices=True)
     cache = NSACache()
@@ -90,8 +90,8 @@ def test_every_layer_of_a_growing_cache_grows():
 
 def test_the_layers_of_a_step_share_their_index_arithmetic():
     """Within cache.step() (a model's forward) the second layer reuses the index tensors and RoPE phases of the
-    first (one entry per kind), with the outputs of layers updated apart; a cache that took sequences of different
-    lengths shares no index tensors."""
+    first, with the outputs of layers updated apart; a cache that took sequences of different lengths shares no
+    index tensors."""
     layers = [make(), make()]
     layers[0].layer_idx = 0
     x = torch.randn(2, 40, 48, dtype=torch.float64)
@@ -101,7 +101,9 @@ def test_the_layers_of_a_step_share_their_index_arithmetic():
         ref = [m(x[:, t0:t1], position_ids=pos, cache=apart) for m in layers]
         with shared.step():
             out = [m(x[:, t0:t1], position_ids=pos, cache=shared) for m in layers]
-            assert sorted(key[0] for key in shared._memo) == ["compress", "rope", "update", "window"]
+            # One entry of each kind, two of RoPE phases (the queries' and keys', and phi's at the blocks' ends).
+            assert sorted(key[0] for key in shared._memo) == ["compress", "last_positions", "rope", "rope", "update",
+                                                               "window"]
         for a, b in zip(ref, out):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     m = layers[1]
@@ -111,7 +113,7 @@ def test_the_layers_of_a_step_share_their_index_arithmetic():
                   sparsity=SMALL, lengths=torch.tensor([2, 1], dtype=torch.int32))
     with shared.step():
         layers[0](x[:, 31:32], cache=shared)
-        assert [key[0] for key in shared._memo] == ["rope"]
+        assert {key[0] for key in shared._memo} == {"rope"}
 
 
 def test_cache_keeps_what_spec_says():
@@ -126,7 +128,8 @@ def test_cache_keeps_what_spec_says():
     tc = SMALL.num_cmp(45)
     assert layer.k_cmp.shape[1] > tc and layer.v_cmp.shape[-1] == 12
     # The tail ring holds the last l raw tokens at slot s % l; the window ring the last w + 15 window keys.
-    assert sorted(layer.pos_tail[0].tolist()) == list(range(37, 45))
+    t = torch.arange(45 - SMALL.cmp_block, 45)
+    torch.testing.assert_close(layer.k_tail[:, t % SMALL.cmp_block], p["k_cmp"][:, t], rtol=1e-12, atol=1e-13)
     s = torch.arange(45 - layer.k_win.shape[1], 45)
     assert layer.k_win.shape[1] == SMALL.window + RING_SLACK - 1
     torch.testing.assert_close(layer.k_win[:, s % layer.k_win.shape[1]], p["k_win"][:, s], rtol=1e-12, atol=1e-13)
@@ -230,7 +233,7 @@ def test_decode_steps_keep_the_cache_storage(share_win_kv, paged, grad):
         outs = [m(x[:, :21], cache=cache)]
         layer = cache.layers[1]
         storage = {name: t.data_ptr() for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
-        assert {"k_tail", "pos_tail", "seqlens", "k_cmp"} <= storage.keys()
+        assert {"k_tail", "v_tail", "seqlens", "k_cmp"} <= storage.keys()
         assert ("k_win" in storage) != share_win_kv
         for t in range(21, 60):
             outs.append(m(x[:, t:t + 1], cache=cache))
