@@ -1,10 +1,11 @@
 """Operations that launch work (views excluded) in one decode step of NSAForCausalLM, per decoder layer, NSA against
 its dense twin, by the function that issued them. Runs on the CPU; NSA's decode kernels are left out (a stub stands
 in for decode_attention), so what is counted for NSA is what surrounds them: projections, RoPE, phi, the cache's
-rings, norms and MLP; the dense layer's count includes its SDPA call. Replayed from a CUDA graph, each of these is
-still a kernel of its own.
+rings, norms and MLP; the dense layer's count includes its SDPA call. The cache is one for CUDA graphs (fixed
+shapes, as `nsa bench`'s generate() runs) and the model bfloat16 unless --dtype says otherwise. Replayed from a
+CUDA graph, each of these is still a kernel of its own.
 
-python3 benchmarks/decode_op_count.py [--layers 2] [--prompt 1500]
+python3 benchmarks/decode_op_count.py [--layers 2] [--prompt 1500] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(attn_impl: str, layers: int, prompt: int) -> collections.Counter:
+def count(attn_impl: str, layers: int, prompt: int, dtype: torch.dtype) -> collections.Counter:
     config = NSAConfig.nsa_1b(attn_impl=attn_impl, num_hidden_layers=layers, hidden_size=256, intermediate_size=512,
                               num_attention_heads=16, num_key_value_heads=1, head_dim=64, vocab_size=1000)
     torch.manual_seed(0)
-    model = NSAForCausalLM(config).eval()
-    cache = NSACache(capacity=prompt + 4)
+    model = NSAForCausalLM(config).to(dtype).eval()
+    cache = NSACache(capacity=prompt + 4, cuda_graph=True)
     ids = torch.randint(1, config.vocab_size, (1, prompt))
     with torch.no_grad():
         token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
@@ -60,12 +61,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=1500)
+    parser.add_argument("--dtype", default="bfloat16", help="the model's dtype (the GPU benchmark's: bfloat16)")
     args = parser.parse_args()
     nsa.modules.decode_attention = lambda q, gates, state, cfg: q.new_zeros(*q.shape[:3], state.layer.v.shape[-1])
     totals = {}
     for attn_impl in ("nsa", "dense"):
-        by_function = count(attn_impl, args.layers, args.prompt)
-        one_layer = count(attn_impl, 1, args.prompt)
+        by_function = count(attn_impl, args.layers, args.prompt, getattr(torch, args.dtype))
+        one_layer = count(attn_impl, 1, args.prompt, getattr(torch, args.dtype))
         per_layer = (sum(by_function.values()) - sum(one_layer.values())) / (args.layers - 1)
         totals[attn_impl] = per_layer
         print(f"{attn_impl}: {per_layer:.0f} operations per decoder layer per step")

@@ -181,7 +181,9 @@ class DecodeGraph:
     (projections, the cache's rings and phi, the attention kernels, norms, MLPs), and the host, not the GPU, sets
     the pace; a replay launches them all at once. The graph is bound to the batch size and to the cache's tensors,
     which such a cache never moves (it does not grow; reorder_cache copies in place); its inputs go through static
-    input_ids and position_ids buffers ([B, 1] int64).
+    input_ids and position_ids buffers ([B, 1] int64). Its layers share the step's index arithmetic
+    (NSACache.step()), so a replay assumes that every layer holds the same lengths, as the model's own steps keep
+    them.
     """
 
     def __init__(self, model: NSAModel, cache: NSACache, input_ids: torch.Tensor, position_ids: torch.Tensor):
