@@ -41,8 +41,9 @@ def step_rotary(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.
     """rotary_cos_sin, made once per step of an NSACache for every layer that passes the same position_ids (within
     the cache's step(), which a model's forward enters)."""
     make = lambda: rotary_cos_sin(position_ids, dim, base, dtype)  # noqa: E731
-    return make() if cache is None else cache.per_step(("rope", dim, base, dtype), make, position_ids,
-                                                                  needs_uniform=False)
+    if cache is None:
+        return make()
+    return cache.per_step(("rope", dim, base, dtype), make, anchor=position_ids, needs_uniform=False)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
