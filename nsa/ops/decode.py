@@ -13,11 +13,13 @@ host synchronisation and can be captured in a CUDA graph:
    relative to.
    win_split: the sliding window, which needs no selection; each program takes WIN_KEYS of its query tile's band
    and leaves a partial softmax. On a GPU it runs on a side stream, beside the compressed stream and the selection.
-2. select: one program per (sequence, KV group, query): each head's global lse from the chunks' (m, l), then
-   S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the previous tile's spill (SPEC 3) for every block at once,
-   and SPEC 4's top n by a radix search: the n-th largest score's bits found a few bits per counting step, ties
-   at it taken lowest block first, the chosen blocks written in ascending order by a prefix sum.
-3. slc_split: the selected blocks split over programs (a few each); partial softmaxes.
+2. select: one program per (sequence, KV group, query) and share of at most SELECT_SHARE_BLOCKS blocks: each
+   head's global lse from the chunks' (m, l), then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the
+   previous tile's spill (SPEC 3) for the share's blocks at once, and SPEC 4's top n of the share by a radix
+   search: the n-th largest score's bits found a few bits per counting step, ties at it taken lowest block first.
+   The global top n lies among the shares' top n, which go on as int64 keys that order blocks as SPEC 4 does.
+3. slc_split: the selected blocks split over programs (a few each; with several shares each program ranks the
+   candidates to find its blocks); partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
@@ -52,6 +54,10 @@ WIN_KEYS = 128
 SHORT_CHUNK = 2
 # Selection blocks per compressed chunk, at most.
 MAX_CHUNK_BLOCKS = 512
+# Selection blocks of a select program's share, at most: each share's top n go on as candidates, which slc_split
+# ranks where there are several shares. On the H200 at B16 128k (2048 blocks), 1024 against one share: select
+# 0.0114 ms against 0.0157, the step 0.1391 against 0.1424; with 512 (64 candidates to rank) slc_split took 0.022.
+SELECT_SHARE_BLOCKS = 1024
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
 # Warps per program of the compressed stream, the window, the selected branch and combine (one query head: with one
@@ -207,8 +213,8 @@ def merge_partials(m, l, m_s, l_s):
 
 @triton.jit
 def select_kernel(
-    m_in, l_in, rec, spill_in, mt, cache_seqlens, idx, HKV, C, NSPLIT, NB_CAP, NT_CAP,
-    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, NB_PAD: tl.constexpr, TB: tl.constexpr,
+    m_in, l_in, rec, spill_in, mt, cache_seqlens, cand, HKV, C, NSPLIT, NB_CAP, NT_CAP,
+    G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, SJ: tl.constexpr, TB: tl.constexpr,
     KP: tl.constexpr, HEAD_GROUP: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr,
     NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
@@ -217,6 +223,7 @@ def select_kernel(
     b = bh // HKV
     kvh = bh % HKV
     qi = tl.program_id(1)
+    sc = tl.program_id(2)
     past = tl.load(cache_seqlens + b)
     t = past + qi
     num_cmp = tl.maximum((past + C - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
@@ -237,15 +244,15 @@ def select_kernel(
     lse2 = tl.where(l_g > 0, m_g + tl.log2(tl.where(l_g > 0, l_g, 1.0)), float("inf"))
 
     # SPEC 3: S[j] = sum over heads of each tile's record scaled by exp2(m_tile - lse), plus the previous tile's
-    # spill into its first block; every block of the capacity at once, as [tiles, blocks of a tile].
+    # spill into its first block; the SJ blocks of this program's share at once, as [tiles, blocks of a tile].
     jt = t // SLC_BLOCK
-    tiles = tl.arange(0, NB_PAD // TB)
+    tiles = sc * (SJ // TB) + tl.arange(0, SJ // TB)
     first = tiles * TB
     tile_ok = (first <= jt) & (first < NB_CAP) & (first * R < num_cmp)
     # A processed tile's record holds all its blocks (0 for those past a row's position): whole rows load.
     j2 = first[:, None] + tl.arange(0, TB)[None, :]
     enter = tile_ok & (tiles > 0)
-    score = tl.zeros([NB_PAD // TB, TB], tl.float32)
+    score = tl.zeros([SJ // TB, TB], tl.float32)
     for h0 in range(0, G, HEAD_GROUP):
         # A group of heads' loads issued together: one memory latency per group, not per head.
         for dh in tl.static_range(HEAD_GROUP):
@@ -259,14 +266,14 @@ def select_kernel(
                 part = tl.load(spill_in + row * NT_CAP + tiles - 1, mask=enter & (h < G), other=0.0)
                 m_t = tl.load(mt + row * NT_CAP + tiles - 1, mask=enter & (h < G), other=float("-inf"))
                 score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
-    score = tl.reshape(score, [NB_PAD])
-    j = tl.arange(0, NB_PAD)
+    score = tl.reshape(score, [SJ])
+    j = sc * SJ + tl.arange(0, SJ)
     bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
 
-    # SPEC 4's top n: `lo` ends as the largest value with at least n blocks' bits >= it (the n-th largest bits), or
-    # 0 where fewer blocks are candidates. Its 31 bits are found RADIX_BITS at a time from the top: a histogram of
-    # the next digit of the blocks in [lo, lo + 2^RADIX_BITS << shift), summed from the top and plus the blocks
-    # above that range, counts the blocks at or above each value the digit can take.
+    # SPEC 4's top n of the share: `lo` ends as the largest value with at least n blocks' bits >= it (the n-th
+    # largest bits), or 0 where fewer blocks are candidates. Its 31 bits are found RADIX_BITS at a time from the
+    # top: a histogram of the next digit of the blocks in [lo, lo + 2^RADIX_BITS << shift), summed from the top
+    # and plus the blocks above that range, counts the blocks at or above each value the digit can take.
     D: tl.constexpr = 1 << RADIX_BITS
     PASSES: tl.constexpr = (31 + RADIX_BITS - 1) // RADIX_BITS
     lo = tl.zeros([], tl.int32)
@@ -282,19 +289,22 @@ def select_kernel(
     ties = bits == lo
     need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
     chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
-    # Ascending blocks, then -1.
-    out = idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED
-    tl.store(out + tl.cumsum(chosen.to(tl.int32), 0) - 1, j, mask=chosen)
+    # The share's candidates as selection keys (bits high, 2^31 - 1 - j low: SPEC 4's order as one int64), then -1;
+    # the global top n is among the shares' top n, which slc_split ranks.
+    out = cand + (((b * C + qi).to(tl.int64) * HKV + kvh) * tl.num_programs(2) + sc) * NUM_SELECTED
+    key = (bits.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), 0) - 1, key, mask=chosen)
     slot = tl.arange(0, KP)
     tl.store(out + slot, -1, mask=(slot >= tl.sum(chosen.to(tl.int32), 0)) & (slot < NUM_SELECTED))
 
 
 @triton.jit
 def slc_split_kernel(
-    q, k, v, block_table, cache_seqlens, idx, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSW,
+    q, k, v, block_table, cache_seqlens, cand, idx, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSW,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, SLC_BLOCK: tl.constexpr, BPS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NUM_CAND: tl.constexpr, CAND_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
+    BPS: tl.constexpr, WRITE_IDX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -311,13 +321,35 @@ def slc_split_kernel(
     q_tile = tl.load(q + q_offs, mask=head_ok[:, None] & (dk < DK)[None, :], other=0.0)
     ks = tl.arange(0, BLOCK_S)
 
+    # This program's ranks sp * BPS .. + BPS - 1 of SPEC 4's top n, which lies among the select shares' candidates
+    # (distinct keys, -1 for none); with WRITE_IDX each rank's block goes to its place in the ascending list idx
+    # (-1 at the ranks no block fills).
+    row = (b * C + qi).to(tl.int64) * HKV + kvh
+    if NUM_CAND > NUM_SELECTED:
+        # A key's rank is the number of keys above it.
+        c = tl.arange(0, CAND_PAD)
+        key = tl.load(cand + row * NUM_CAND + c, mask=c < NUM_CAND, other=-1)
+        rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)
+        chosen = (key >= 0) & (rank < NUM_SELECTED)
+        blk = tl.where(chosen, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
+
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     # SPEC 5: the keys s <= t of this program's share of the selected blocks.
-    blocks = idx + ((b * C + qi).to(tl.int64) * HKV + kvh) * NUM_SELECTED + sp * BPS
     for n_slot in tl.static_range(BPS):
-        j = tl.load(blocks + n_slot, mask=sp * BPS + n_slot < NUM_SELECTED, other=-1)
+        r = sp * BPS + n_slot
+        if NUM_CAND > NUM_SELECTED:
+            j = tl.max(tl.where(rank == r, blk, -1), 0)
+            if WRITE_IDX:
+                place = tl.where(j >= 0, tl.sum((chosen & (blk < j)).to(tl.int32), 0), r)
+                tl.store(idx + row * NUM_SELECTED + place, j, mask=r < NUM_SELECTED)
+        else:
+            # One share: its candidates are the top n, ascending, then -1.
+            key = tl.load(cand + row * NUM_CAND + r, mask=r < NUM_SELECTED, other=-1)
+            j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
+            if WRITE_IDX:
+                tl.store(idx + row * NUM_SELECTED + r, j, mask=r < NUM_SELECTED)
         if j >= 0:
             for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                 s = j * SLC_BLOCK + s0 + ks
@@ -417,6 +449,8 @@ class SplitPlan(NamedTuple):
     nsplit: int  # compressed chunks
     bps: int  # selected blocks per program of slc_split
     stages: int  # pipeline stages of the compressed stream
+    sj: int  # selection blocks per select program (its share, whose top n it passes on)
+    nsel: int  # select programs per query and KV group
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
@@ -427,7 +461,9 @@ def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> Spli
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
     bps = 1 if batch_heads * cfg.num_selected < target else 2
-    return SplitPlan(r_pad, tb, jc, -(-slc_capacity // jc), bps, 2 if jc // tb <= SHORT_CHUNK else 3)
+    nsplit = -(-slc_capacity // jc)
+    sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
+    return SplitPlan(r_pad, tb, jc, nsplit, bps, 2 if jc // tb <= SHORT_CHUNK else 3, sj, -(-nsplit * jc // sj))
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -546,20 +582,22 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         compressed()
         with torch.cuda.stream(side):
             window()
-    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev)
-    nb_pad = triton.next_power_of_2(nb_cap)
-    select_kernel[(B * HKV, C)](
-        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, idx, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
-        SPLIT_T=SPLIT_T, NB_PAD=nb_pad, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
+    # Each select program's candidates (its share's top n as selection keys), then the chosen blocks.
+    cand = torch.empty(B, C, HKV, plan.nsel * n, dtype=torch.int64, device=dev)
+    idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev) if return_indices else cand
+    select_kernel[(B * HKV, C, plan.nsel)](
+        cmp_m, cmp_l, rec, spill, mt, cache_seqlens, cand, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
+        SPLIT_T=SPLIT_T, SJ=plan.sj, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
         RADIX_BITS=RADIX_BITS, NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
         CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
-        num_warps=max(SELECT_MIN_WARPS, min(16, nb_pad // SELECT_WARP_BLOCKS)),
+        num_warps=max(SELECT_MIN_WARPS, min(16, plan.sj // SELECT_WARP_BLOCKS)),
     )
     slc_split_kernel[(B * HKV, C, nslc)](
-        q, k, v, table, cache_seqlens, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G, G_PAD=G_PAD,
-        ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        q, k, v, table, cache_seqlens, cand, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G,
+        G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
-        SLC_BLOCK=cfg.slc_block, BPS=plan.bps, PRECISION=precision, num_warps=SLC_WARPS,
+        NUM_CAND=plan.nsel * n, CAND_PAD=triton.next_power_of_2(plan.nsel * n), SLC_BLOCK=cfg.slc_block,
+        BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS,
     )
     if side is not None:
         main.wait_stream(side)

@@ -148,8 +148,10 @@ MANY_ROWS = (SMALL, [600, 577, 512, 449, 390, 333, 260, 129], 4, 4, 2, 16, 16, 6
 def test_small_tiles_and_many_splits(case, monkeypatch):
     """Tiles of 16 token slots (several per compressed chunk, so spills cross tiles inside a chunk and between
     chunks), window programs of 16 keys (two or more to a band), partial softmaxes merged two splits at a time, and
-    the selection's radix search 3 bits at a time (its first digit 1 bit wide)."""
+    the selection's radix search 3 bits at a time (its first digit 1 bit wide) over shares of one tile (many
+    candidates to rank)."""
     monkeypatch.setattr(decode, "RADIX_BITS", 3)
+    monkeypatch.setattr(decode, "SELECT_SHARE_BLOCKS", 1)
     monkeypatch.setattr(decode, "BLOCK_N", 16)
     monkeypatch.setattr(decode, "BLOCK_S", 16)
     monkeypatch.setattr(decode, "WIN_KEYS", 16)
@@ -168,6 +170,19 @@ def test_long_chunks_go_in_parts(layout, monkeypatch):
     parts = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, layout, capacity)
     assert torch.equal(parts[1], whole[1])
     torch.testing.assert_close(parts[0], whole[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_blocks", [512, 1])
+def test_indices_on_request_only(share_blocks, monkeypatch):
+    """Without return_indices the kernels skip idx (and with several select shares, the places in it): the same o."""
+    monkeypatch.setattr(decode, "SELECT_SHARE_BLOCKS", share_blocks)
+    cfg, lengths, C, HQ, HKV, DK, DV, capacity = SMALL, [300, 61], 2, 4, 2, 16, 16, 320
+    full, past, q, gates = make_cache(lengths, C, HQ, HKV, DK, DV, cfg, capacity, torch.float32)
+    o, _ = run_decode(full, past, q, gates, lengths, C, cfg, torch.float32, 0.25, "contiguous", capacity)
+    f = lambda x: x.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
+    alone = nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]),
+                       past.to(device=DEVICE, dtype=torch.int32), cfg, 0.25)
+    assert torch.equal(alone, o)
 
 
 def test_layouts_agree_exactly():
