@@ -204,6 +204,34 @@ def test_dense_attention_varlen_and_cache():
     torch.testing.assert_close(torch.cat(steps, dim=1), d(x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's decode needs a GPU")
+def test_dense_decode_steps_for_cuda_graphs_take_flash_on_the_gpu(monkeypatch):
+    """One new token per sequence on a cache for CUDA graphs reads each sequence's own keys through FlashAttention,
+    within the tolerance rule of the float64 layer (SDPA on an ordinary cache, in bfloat16, the low reference)."""
+    import copy
+
+    import nsa.modules as modules
+    from tests.tolerance import assert_within_rule
+
+    calls = []
+    flash = modules._flash_decode
+    monkeypatch.setattr(modules, "_flash_decode", lambda *args: calls.append(1) or flash(*args))
+    d = DenseAttention(256, 8, 2, head_dim=64).cuda()
+    x = torch.randn(3, 260, 256, device="cuda")
+
+    def steps(dtype, cache):
+        layer, y = copy.deepcopy(d).to(dtype), x.to(dtype)
+        layer(y[:, :200], cache=cache)
+        return torch.cat([layer(y[:, t:t + 1], cache=cache) for t in range(200, 260)], dim=1)
+
+    oracle = steps(torch.float64, nsa.NSACache())
+    low = steps(torch.bfloat16, nsa.NSACache())
+    assert not calls
+    out = steps(torch.bfloat16, nsa.NSACache(capacity=260, cuda_graph=True))
+    assert len(calls) == 60
+    assert_within_rule("o", out, low, oracle, 2)
+
+
 def test_the_module_needs_no_transformers():
     import pathlib
     import subprocess
