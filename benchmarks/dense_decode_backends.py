@@ -1,9 +1,9 @@
-"""The dense twin's decode step at the 1B model's geometry (one KV head of 128, 16 query heads): which SDPA backend
-a step masked over a cache's capacity takes (the fixed shape a CUDA graph needs), what each backend costs, and
-FlashAttention's variable-length decode over each sequence's own keys (nsa.modules._flash_decode, what the twin's
-captured step runs where it fits).
+"""A dense decode step at 32k keys, 16 query heads and one KV head of 128 (bfloat16): which SDPA backend a step
+masked over a cache's capacity takes (the fixed shape a CUDA graph needs), what each backend costs masked and
+unmasked over exactly the context, and nsa.ops.decode.dense_decode over each sequence's own keys (lengths on the
+device), which a dense layer's cached steps run on a GPU. --dk sets the key head dim (the 1B preset's is 192).
 
-    python3 benchmarks/dense_decode_backends.py [--context 32768] [--out FILE.json]
+    python3 benchmarks/dense_decode_backends.py [--context 32768] [--dk 128] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from nsa.modules import _flash_decode
+from nsa.ops.decode import dense_decode
 
 
 def timed(fn) -> dict:
@@ -37,17 +37,19 @@ def timed(fn) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--dk", type=int, default=128)
     parser.add_argument("--out")
     args = parser.parse_args()
     T, cap = args.context, args.context + 67
     rows = []
     for B in (1, 16):
-        q = torch.randn(B, 1, 16, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, cap, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        # The twin's masked step: the 16 query heads as 16 rows of the KV head, every slot of the capacity.
-        qs, ks, vs = q.view(B, 1, 16, 128), k.transpose(1, 2), v.transpose(1, 2)
+        q = torch.randn(B, 1, 16, args.dk, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, cap, 1, args.dk, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, cap, 1, 128, device="cuda", dtype=torch.bfloat16)
+        # The masked step: the 16 query heads as 16 rows of the KV head, every slot of the capacity.
+        qs, ks, vs = q.view(B, 1, 16, args.dk), k.transpose(1, 2), v.transpose(1, 2)
         mask = (torch.arange(cap, device="cuda") < T)[None, None, None, :].expand(B, 1, 1, cap)
-        used = torch.full((B,), T, dtype=torch.int32, device="cuda")
+        past = torch.full((B,), T - 1, dtype=torch.int32, device="cuda")
         for masked in (True, False):
             for backend in (None, *SDPBackend.__members__.values()):
                 if backend in (SDPBackend.ERROR, SDPBackend.OVERRIDEABLE):
@@ -61,14 +63,13 @@ def main() -> None:
                 name = "default" if backend is None else backend.name
                 rows.append({"B": B, "step": f"SDPA {name}, " + ("masked over the capacity" if masked else
                                                                  "unmasked over the context"), **timed(step)})
-        rows.append({"B": B, "step": "flash variable-length decode (nsa.modules._flash_decode)",
-                     **timed(lambda: _flash_decode(q, k, v, used))})
+        rows.append({"B": B, "step": "nsa.ops.decode.dense_decode", **timed(lambda: dense_decode(q, k, v, past))})
     for row in rows:
         figure = f"{row['ms']:.4f} ms" if "ms" in row else row["error"]
         print(f"B{row['B']:<3} {row['step']:<58} {figure}")
     if args.out:
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "cudnn": torch.backends.cudnn.version(), "context": T, "capacity": cap}
+               "cudnn": torch.backends.cudnn.version(), "context": T, "capacity": cap, "dk": args.dk, "dv": 128}
         with open(args.out, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
 

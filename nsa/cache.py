@@ -77,6 +77,11 @@ class StepState:
     k_cmp_new: torch.Tensor | None = None
     v_cmp_new: torch.Tensor | None = None
 
+    def kernel_block_table(self) -> torch.Tensor | None:
+        """The block table the decode kernels take: None for a contiguous cache (one page per sequence)."""
+        paged = self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1
+        return self.block_table if paged else None
+
     def contiguous_kv(self, length: int):
         """k, v [B, length, HKV, D] of a contiguous cache (the dense layer's SDPA reads them)."""
         if self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1:
@@ -468,9 +473,8 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, state: StepState, cfg
     if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
         from .ops.decode import nsa_decode
 
-        paged = layer.k.shape[0] != q.shape[0] or state.block_table.shape[1] != 1
         return nsa_decode(q, gates, layer.k, layer.v, layer.k_cmp, layer.v_cmp, state.past, cfg, scale,
-                          k_win=state.k_win, v_win=state.v_win, block_table=state.block_table if paged else None,
+                          k_win=state.k_win, v_win=state.v_win, block_table=state.kernel_block_table(),
                           return_indices=return_indices)
     B, C, HQ, DK = q.shape
     scale = DK ** -0.5 if scale is None else scale

@@ -15,7 +15,7 @@ from torch import nn
 
 from .cache import decode_attention
 from .config import SparsityConfig
-from .functional import check_cu_seqlens, nsa_attention
+from .functional import check_cu_seqlens, nsa_attention, resolve_backend
 from .reference import stat_dtype
 
 # sigmoid(-ln 2) = 1/3: the three gates start summing to one, so the gated output starts as an average of three
@@ -310,33 +310,13 @@ class NativeSparseAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, -1))
 
 
-def _flash_decode_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether _flash_decode takes this step: one new token per sequence, half precision on a GPU with
-    FlashAttention, equal key and value head dims that are a multiple of 8 up to 256."""
-    return (q.shape[1] == 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.shape[-1] == v.shape[-1]
-            and k.shape[-1] % 8 == 0 and k.shape[-1] <= 256 and torch.backends.cuda.is_flash_attention_available()
-            and "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema))
-
-
-def _flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """q [B, 1, HQ, D] against the first used[b] (int32, on the device) keys of k, v [B, S, HKV, D] (contiguous):
-    o [B, 1, HQ, D]. FlashAttention-2 as PyTorch ships it, in its variable-length form, whose per-sequence key
-    counts stay on the device: a captured step reads only each sequence's keys. SDPA takes no such counts; with a
-    mask over the capacity it runs cuDNN's kernel (on the H200 at 32k keys, one KV head of 128 and 16 query heads,
-    bfloat16: 0.68 ms at batch 1 and 1.21 at batch 16, against 0.17 and 0.18 for this call; neither splits the
-    keys of a sequence over programs, so at batch 1 both are far from the memory bandwidth)."""
-    B, S, HKV, D = k.shape
-    starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)
-    o = torch.ops.aten._flash_attention_forward(q.reshape(B, -1, D), k.view(B * S, HKV, D), v.view(B * S, HKV, D),
-                                                starts, starts * S, 1, S, 0.0, False, False, seqused_k=used)[0]
-    return o.view(q.shape)
-
-
 class DenseAttention(nn.Module):
     """Full causal attention (SDPA) with NativeSparseAttention's query, key/value, RoPE and output projections.
 
     The dense baseline on equal terms: its one K/V pair plays the selected branch's part (same shapes, same
-    rotation), and it reads and fills an NSACache the same way (keys and values only). Arguments as in
+    rotation), and it reads and fills an NSACache the same way (keys and values only); on the Triton backend (a GPU)
+    new tokens against a filled cache go through nsa.ops.decode.dense_decode, the split-key kernel built like NSA's
+    decode kernels, so that a captured step reads only each sequence's keys. Arguments as in
     NativeSparseAttention, without the sparsity ones.
     """
 
@@ -358,12 +338,17 @@ class DenseAttention(nn.Module):
         past, allowed = 0, None
         if cache is not None:
             state = cache.update(self.layer_idx, k, v)
+            if state.past_max and resolve_backend(None, q.device) == "triton" and q.dtype != torch.float64:
+                # New tokens against a filled cache: the split-key decode kernel over each sequence's own keys
+                # (lengths on the device, shapes fixed by the capacity, so a CUDA graph can capture the step).
+                from .ops.decode import dense_decode
+
+                o = dense_decode(q, state.layer.k, state.layer.v, state.past, block_table=state.kernel_block_table())
+                return self.o_proj(o.reshape(B, T, -1))
             if cache.cuda_graph and state.past_max:
                 # A decode step of fixed shape (a CUDA graph replays it at every length): all slots, key s visible
                 # to query t of sequence b iff s <= past[b] + t, from the device lengths.
                 k, v = state.contiguous_kv(cache.capacity)
-                if _flash_decode_fits(q, k, v) and k.is_contiguous() and v.is_contiguous():
-                    return self.o_proj(_flash_decode(q, k, v, state.end).reshape(B, T, -1))
 
                 def visible():
                     t = state.past.long()[:, None] + torch.arange(T, device=q.device)

@@ -204,32 +204,47 @@ def test_dense_attention_varlen_and_cache():
     torch.testing.assert_close(torch.cat(steps, dim=1), d(x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's decode needs a GPU")
-def test_dense_decode_steps_for_cuda_graphs_take_flash_on_the_gpu(monkeypatch):
-    """One new token per sequence on a cache for CUDA graphs reads each sequence's own keys through FlashAttention,
-    within the tolerance rule of the float64 layer (SDPA on an ordinary cache, in bfloat16, the low reference)."""
-    import copy
+def dense_steps(layer, x, cache, first):
+    """The layer's outputs for x [B, T, hidden] fed as a prompt of `first` tokens, then one token per step."""
+    layer(x[:, :first], cache=cache)
+    return torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(first, x.shape[1])], dim=1)
 
-    import nsa.modules as modules
-    from tests.tolerance import assert_within_rule
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_dense_attention_decodes_through_the_split_kernel(cuda_graph, monkeypatch):
+    """On the Triton backend the steps after the prompt go through dense_decode: the same outputs as SDPA's."""
+    import nsa.ops.decode as decode
 
     calls = []
-    flash = modules._flash_decode
-    monkeypatch.setattr(modules, "_flash_decode", lambda *args: calls.append(1) or flash(*args))
-    d = DenseAttention(256, 8, 2, head_dim=64).cuda()
-    x = torch.randn(3, 260, 256, device="cuda")
-
-    def steps(dtype, cache):
-        layer, y = copy.deepcopy(d).to(dtype), x.to(dtype)
-        layer(y[:, :200], cache=cache)
-        return torch.cat([layer(y[:, t:t + 1], cache=cache) for t in range(200, 260)], dim=1)
-
-    oracle = steps(torch.float64, nsa.NSACache())
-    low = steps(torch.bfloat16, nsa.NSACache())
+    kernel = decode.dense_decode
+    monkeypatch.setattr(decode, "dense_decode", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    d = DenseAttention(48, 6, 2, head_dim=16, v_head_dim=32)
+    x = torch.randn(2, 27, 48)
+    new_cache = lambda: nsa.NSACache(capacity=27, cuda_graph=True) if cuda_graph else nsa.NSACache()  # noqa: E731
+    monkeypatch.setenv("NSA_BACKEND", "reference")
+    expected = dense_steps(d, x, new_cache(), 20)
     assert not calls
-    out = steps(torch.bfloat16, nsa.NSACache(capacity=260, cuda_graph=True))
-    assert len(calls) == 60
-    assert_within_rule("o", out, low, oracle, 2)
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    torch.testing.assert_close(dense_steps(d, x, new_cache(), 20), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernel at real shapes needs a GPU")
+def test_dense_decode_steps_in_bf16_on_the_gpu(monkeypatch):
+    """A bfloat16 layer's decode steps on a cache for CUDA graphs (dense_decode) within the tolerance rule of the
+    float64 layer, SDPA in bfloat16 on an ordinary cache the low-precision reference."""
+    import copy
+
+    from tests.tolerance import assert_within_rule
+
+    d = DenseAttention(2048, 16, 1, head_dim=192, v_head_dim=128).cuda()
+    x = torch.randn(3, 1100, 2048, device="cuda")
+    run = lambda dtype, cache: dense_steps(copy.deepcopy(d).to(dtype), x.to(dtype), cache, 1040)  # noqa: E731
+    monkeypatch.setenv("NSA_BACKEND", "reference")
+    oracle = run(torch.float64, nsa.NSACache())
+    low = run(torch.bfloat16, nsa.NSACache())
+    monkeypatch.delenv("NSA_BACKEND")
+    assert_within_rule("o", run(torch.bfloat16, nsa.NSACache(capacity=1100, cuda_graph=True)), low, oracle, 2)
 
 
 def test_the_module_needs_no_transformers():

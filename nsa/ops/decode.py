@@ -22,6 +22,9 @@ host synchronisation and can be captured in a CUDA graph:
    candidates to find its blocks); partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
 
+dense_decode is the same split over the keys for full causal attention (dense_split, then dense_merge): a dense
+model's decode step, which a CUDA graph can capture too.
+
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
 (a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
 are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The window K/V are either the
@@ -77,6 +80,9 @@ SELECT_WARP_BLOCKS = 128
 RADIX_BITS = 4
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
+# Key splits of dense_decode per query tile, at most: its merge loads them all at once, unrolled (64 at one warp
+# compile for sm_90 without spills; 264 spilled 10 KB).
+DENSE_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -412,6 +418,59 @@ def combine_kernel(
     tl.store(o + head * DV + dv, out.to(o.dtype.element_ty), mask=dv < DV)
 
 
+@triton.jit
+def dense_split_kernel(
+    q, k, v, block_table, cache_seqlens, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSPLIT, CHUNK,
+    G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    kvh = bh % HKV
+    chunk = tl.program_id(2)
+    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    past = tl.load(cache_seqlens + b)
+    t = past + qi
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([QT * G_PAD], tl.float32)
+    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    # This chunk's keys up to the last query of the tile (causal: key s is visible to position t iff s <= t).
+    ks = tl.arange(0, BLOCK_S)
+    start = chunk * CHUNK
+    stop = tl.minimum(start + CHUNK, past + tl.minimum(C, (tl.program_id(1) + 1) * QT))
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + ks
+        ok = s < stop
+        rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
+        kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
+        vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None])
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
+    store_partial(m_out, l_out, acc_out, (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g, m_i, l_i,
+                  acc, qi < C, DV)
+
+
+@triton.jit
+def dense_merge_kernel(
+    m_in, l_in, acc_in, o, HKV, C, G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NSPLIT: tl.constexpr, SPLIT_T: tl.constexpr,
+):
+    # One program per query head, as combine_kernel.
+    bh = tl.program_id(0)
+    b = bh // HKV
+    kvh = bh % HKV
+    qi = tl.program_id(1)
+    g = tl.program_id(2)
+    dv = tl.arange(0, BLOCK_DV)
+    out = merge_splits(m_in, l_in, acc_in, 0, NSPLIT, bh.to(tl.int64) * NSPLIT * (C * G_PAD) + qi * G_PAD + g,
+                       C * G_PAD, dv, DV, SPLIT_T)
+    head = (b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g
+    tl.store(o + head * DV + dv, out.to(o.dtype.element_ty), mask=dv < DV)
+
+
 def _check(name, x, shape, meaning):
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {meaning} = {tuple(shape)}, got {tuple(x.shape)}")
@@ -437,6 +496,11 @@ def _side_stream(dev: torch.device) -> torch.cuda.Stream:
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(index)
     return _SIDE_STREAMS[index]
+
+
+def query_tile(C: int, g_pad: int) -> int:
+    """Queries per program of the split kernels: their G_PAD heads each make a row, 16 to 64 rows in all."""
+    return max(min(triton.next_power_of_2(C), max(1, 64 // g_pad)), 16 // min(g_pad, 16))
 
 
 class SplitPlan(NamedTuple):
@@ -531,8 +595,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     n = cfg.num_selected
 
     G_PAD = triton.next_power_of_2(G)
-    QT = min(triton.next_power_of_2(C), max(1, 64 // G_PAD))
-    QT = max(QT, 16 // min(G_PAD, 16))
+    QT = query_tile(C, G_PAD)
     plan = split_plan(B * HKV * C, -(-max_pages * page // cfg.slc_block), cfg)
     nb_cap, nt_cap = plan.nsplit * plan.jc, plan.nsplit * plan.jc // plan.tb
     rows = C * G_PAD
@@ -607,3 +670,63 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         NSPLIT=plan.nsplit, NSLC=nslc, NSW=nsw, SPLIT_T=SPLIT_T, num_warps=COMBINE_WARPS,
     )
     return (o, idx) if return_indices else o
+
+
+def dense_decode(q, k, v, cache_seqlens, scale: float | None = None, *, block_table=None):
+    """Full causal attention of C new queries per sequence against a cache: the dense counterpart of nsa_decode
+    (a dense model's decode step), split over the keys so that a short batch still fills the GPU.
+
+    Args:
+        q: [B, C, HQ, DK]; query c of sequence b is at position cache_seqlens[b] + c and sees keys s <= that.
+        k, v: [B, S_cap, HKV, DK/DV] already holding the C new tokens, or with block_table page pools
+            [num_pages, P, HKV, DK/DV].
+        cache_seqlens: int32 [B], the tokens of each sequence before the C new ones.
+        scale: default 1 / sqrt(DK).
+        block_table: int32 [B, max_pages] page indices (flash_attn_with_kvcache's convention).
+    Returns:
+        o [B, C, HQ, DV] in q's dtype. No host synchronisation; shapes depend only on the arguments' shapes (the
+        keys are split by the capacity, and each program reads only its share of a sequence's keys), so a step
+        can be captured in a CUDA graph. The float32 partial softmaxes take B * HKV * C * G_PAD * (DV + 2) * 4
+        bytes per split, about 2 * 132 programs in all.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
+    B, C, HQ, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    if HKV < 1 or HQ % HKV:
+        raise ValueError(f"the query heads HQ={HQ} must be a multiple of the key/value heads HKV={HKV}")
+    if k.shape[:3] != v.shape[:3] or k.shape[3] != DK:
+        raise ValueError(f"k, v must be [.., .., HKV, DK/DV] with DK={DK}, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
+    table, max_pages, page = _pages("block_table", block_table, "k", k, B)
+    scale = DK ** -0.5 if scale is None else scale
+    if C > MAX_QUERIES:
+        return torch.cat([dense_decode(q[:, c0:c0 + MAX_QUERIES], k, v, cache_seqlens + c0, scale,
+                                       block_table=block_table) for c0 in range(0, C, MAX_QUERIES)], 1)
+    q = q.contiguous()
+    G = HQ // HKV
+    G_PAD = triton.next_power_of_2(G)
+    QT = query_tile(C, G_PAD)
+    tiles = triton.cdiv(C, QT)
+    capacity = max_pages * page
+    # About two programs per SM, each taking `chunk` keys of a sequence (a multiple of BLOCK_S), and at most
+    # DENSE_MAX_SPLITS of them per query tile.
+    splits = min(DENSE_MAX_SPLITS, triton.cdiv(2 * NUM_SMS, B * HKV * tiles))
+    chunk = BLOCK_S * triton.cdiv(capacity, BLOCK_S * splits)
+    nsplit = triton.cdiv(capacity, chunk)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m = torch.empty(B * HKV, nsplit, C * G_PAD, **f32)
+    l = torch.empty(B * HKV, nsplit, C * G_PAD, **f32)
+    acc = torch.empty(B * HKV, nsplit, C * G_PAD, DV, **f32)
+    BLOCK_DK, BLOCK_DV = padded_dim(DK), padded_dim(DV)
+    dense_split_kernel[(B * HKV, tiles, nsplit)](
+        q, k, v, table, cache_seqlens, m, l, acc, scale * LOG2E, HKV, C, max_pages, nsplit, chunk, G=G, G_PAD=G_PAD,
+        QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BLOCK_S=BLOCK_S, PAGE=page,
+        PRECISION=dot_precision(q.dtype), num_warps=CMP_WARPS, num_stages=3,
+    )
+    o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=q.device)
+    dense_merge_kernel[(B * HKV, C, G)](m, l, acc, o, HKV, C, G=G, G_PAD=G_PAD, DV=DV, BLOCK_DV=BLOCK_DV,
+                                        NSPLIT=nsplit, SPLIT_T=SPLIT_T, num_warps=COMBINE_WARPS)
+    return o

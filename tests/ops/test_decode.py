@@ -9,7 +9,7 @@ import torch
 from nsa import reference
 from nsa.config import SparsityConfig
 from nsa.ops import decode
-from nsa.ops.decode import nsa_decode
+from nsa.ops.decode import dense_decode, nsa_decode
 from tests.inputs import DEVICE
 from tests.tolerance import assert_same_selection, assert_within_rule
 
@@ -215,6 +215,55 @@ def test_refuses_a_short_window_ring():
                    past.int(), SMALL, k_win=f(full["k_win"][:, :10]), v_win=f(full["v_win"][:, :10]))
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
         nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]), past, SMALL)
+
+
+def causal_rows(q, k, v, lengths, C, scale):
+    """Full causal attention of the last C positions of each sequence (q [B, C, HQ, DK] against k, v [B, S, HKV, D]
+    holding lengths[b] tokens), in q's dtype: o [B, C, HQ, DV]."""
+    G = q.shape[2] // k.shape[2]
+    outs = []
+    for b, L in enumerate(lengths):
+        kb, vb = k[b, :L].repeat_interleave(G, dim=1), v[b, :L].repeat_interleave(G, dim=1)
+        s = torch.einsum("chd,shd->hcs", q[b], kb) * scale
+        visible = torch.arange(L, device=q.device)[None, :] <= torch.arange(L - C, L, device=q.device)[:, None]
+        outs.append(torch.einsum("hcs,shd->chd", s.masked_fill(~visible, float("-inf")).softmax(-1), vb))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths, C, HQ, HKV, capacity, paged_at", [
+    ([300, 61, 5], 1, 8, 2, 320, None), ([130], 3, 4, 4, 192, None), ([200, 77], 2, 6, 1, 256, 16),
+    ([90, 40, 33], 5, 32, 2, 96, None)], ids=["B3-G4", "C3-G1", "paged-G6", "C5-G16"])
+def test_dense_decode_equals_causal_attention(lengths, C, HQ, HKV, capacity, paged_at, dtype, monkeypatch):
+    """Small key tiles and merges of two splits at a time (so a query's keys span several programs and merge
+    steps); the tolerance rule against float64, with the reference in `dtype` as the low-precision one."""
+    monkeypatch.setattr(decode, "BLOCK_S", 16)
+    monkeypatch.setattr(decode, "SPLIT_T", 2)
+    B, DK, DV = len(lengths), 16, 32
+    rnd = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    k, v = rnd(B, capacity, HKV, DK), rnd(B, capacity, HKV, DV)
+    q = rnd(B, C, HQ, DK)
+    past = torch.tensor(lengths, dtype=torch.int32, device=DEVICE) - C
+    oracle = causal_rows(q, k, v, lengths, C, 0.3)
+    low = causal_rows(q.to(dtype), k.to(dtype), v.to(dtype), lengths, C, 0.3)
+    kw = {}
+    if paged_at:
+        g = torch.Generator().manual_seed(1)
+        (k, kw["block_table"]), (v, _) = paged(k, paged_at, g), paged(v, paged_at, g.manual_seed(1))
+        kw["block_table"] = kw["block_table"].to(DEVICE)
+    o = dense_decode(q.to(dtype), k.to(dtype), v.to(dtype), past, 0.3, **kw)
+    assert o.dtype == dtype and o.shape == (B, C, HQ, DV)
+    assert_within_rule("o", o, low, oracle, 2)
+
+
+def test_dense_decode_refuses_bad_inputs():
+    q, k = torch.zeros(1, 1, 4, 16), torch.zeros(1, 32, 2, 16)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        dense_decode(torch.zeros(1, 1, 3, 16), k, k, torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        dense_decode(q, k, k, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="k, v must be"):
+        dense_decode(q, k, torch.zeros(1, 32, 1, 16), torch.zeros(1, dtype=torch.int32))
 
 
 PAPER = SparsityConfig()
