@@ -97,6 +97,23 @@ def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
 
 
 @triton.jit
+def kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE: tl.constexpr, DK: tl.constexpr,
+            DV: tl.constexpr, dk, dv):
+    """Keys [N, BLOCK_DK] and values [N, BLOCK_DV] of tokens s [N] of sequence b, KV head kvh (zeros where not ok)."""
+    rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
+    kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
+    vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+    return kt, vt
+
+
+@triton.jit
+def empty_partial(ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The partial softmax (m, l, acc) of no key yet for ROWS rows."""
+    return (tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32),
+            tl.zeros([ROWS, BLOCK_DV], tl.float32))
+
+
+@triton.jit
 def query_rows(q, b, kvh, HKV, C, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr,
                BLOCK_DK: tl.constexpr):
     """The rows of a program's query tile (program_id(1)): the query qi and head g of each of the QT * G_PAD rows,
@@ -137,9 +154,7 @@ def cmp_split_kernel(
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     st = qi < C
-    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([QT * G_PAD], tl.float32)
-    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     num_cmp = tl.maximum((end - CMP_BLOCK + CMP_STRIDE) // CMP_STRIDE, 0)
     # Column n of a tile: token k = n % R_PAD of the tile's block n // R_PAD.
@@ -188,18 +203,14 @@ def win_split_kernel(
     t = past + qi
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([QT * G_PAD], tl.float32)
-    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
     ks = tl.arange(0, BLOCK_S)
     s_first = past + tl.program_id(1) * QT - WINDOW + 1 + w * WT
     for s0 in tl.static_range(0, WT, BLOCK_S):
         s = s_first + s0 + ks
         ok = (s >= 0) & (s < past + C)
-        rows = (token_rows(win_table, b, s, WIN_MAX_PAGES, WIN_PAGE) * HKV + kvh)[:, None]
-        kt = tl.load(k_win + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-        vt = tl.load(v_win + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        kt, vt = kv_tile(k_win, v_win, win_table, b, kvh, s, ok, HKV, WIN_MAX_PAGES, WIN_PAGE, DK, DV, dk, dv)
         visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
     store_partial(sw_m, sw_l, sw_acc, ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g, m_i, l_i, acc,
@@ -339,9 +350,7 @@ def slc_split_kernel(
         chosen = (key >= 0) & (rank < NUM_SELECTED)
         blk = tl.where(chosen, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
 
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = empty_partial(ROWS, BLOCK_DV)
     # SPEC 5: the keys s <= t of this program's share of the selected blocks.
     for n_slot in tl.static_range(BPS):
         r = sp * BPS + n_slot
@@ -360,9 +369,7 @@ def slc_split_kernel(
             for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                 s = j * SLC_BLOCK + s0 + ks
                 ok = (s0 + ks < SLC_BLOCK) & (s <= t)
-                rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
-                kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-                vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+                kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
                 acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
                                              qk_scale, PRECISION)
 
@@ -434,9 +441,7 @@ def dense_split_kernel(
     t = past + qi
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    m_i = tl.full([QT * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([QT * G_PAD], tl.float32)
-    acc = tl.zeros([QT * G_PAD, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     # This chunk's keys up to the last query of the tile (causal: key s is visible to position t iff s <= t).
     ks = tl.arange(0, BLOCK_S)
     start = chunk * CHUNK
@@ -444,9 +449,7 @@ def dense_split_kernel(
     for s0 in range(start, stop, BLOCK_S):
         s = s0 + ks
         ok = s < stop
-        rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
-        kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-        vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
+        kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
         visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None])
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
     store_partial(m_out, l_out, acc_out, (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g, m_i, l_i,
