@@ -1,7 +1,8 @@
 """Operations that launch work (views excluded) in one decode step of NSAForCausalLM, per decoder layer, NSA against
 its dense twin, by the function that issued them. Runs on the CPU; NSA's decode kernels are left out (a stub stands
 in for decode_attention), so what is counted for NSA is what surrounds them: projections, RoPE, phi, the cache's
-rings, norms and MLP; the dense layer's count includes its SDPA call. The cache is one for CUDA graphs (fixed
+rings, norms and MLP; the dense layer's count includes its attention call (SDPA's reference path here; on a GPU
+dense_decode, two kernels). The cache is one for CUDA graphs (fixed
 shapes, as `nsa bench`'s generate() runs) and the model bfloat16 unless --dtype says otherwise. Replayed from a
 CUDA graph, each of these is still a kernel of its own.
 

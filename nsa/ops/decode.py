@@ -648,7 +648,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         compressed()
         with torch.cuda.stream(side):
             window()
-    # Each select program's candidates (its share's top n as selection keys), then the chosen blocks.
+    # Each select program's candidates (its share's top n as selection keys), then the chosen blocks (written only
+    # on request: otherwise slc_split gets cand in idx's place and never stores there).
     cand = torch.empty(B, C, HKV, plan.nsel * n, dtype=torch.int64, device=dev)
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev) if return_indices else cand
     select_kernel[(B * HKV, C, plan.nsel)](
