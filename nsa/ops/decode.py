@@ -479,15 +479,18 @@ def _check(name, x, shape, meaning):
         raise ValueError(f"{name} must have shape {meaning} = {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _pages(name, table, pool_name, pool, batch):
-    """(table, max_pages, page): a given block_table, or the identity table of a contiguous [B, S_cap, ...] pool."""
+def _pages(name, table, pool_names, k, v, batch):
+    """(table, max_pages, page): a given block_table, or the identity table of contiguous [B, S_cap, ...] pools.
+    The kernels address both pools k, v by the same rows: contiguous [pages, page_size, HKV, DK/DV] alike."""
     if table is None:
-        table = torch.arange(batch, dtype=torch.int32, device=pool.device)[:, None]
+        table = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None]
     elif table.dtype != torch.int32 or table.dim() != 2 or table.shape[0] != batch:
         raise ValueError(f"{name} must be int32 [B, max_pages] with B={batch}, got {table.dtype} {tuple(table.shape)}")
-    if pool.dim() != 4 or not pool.is_contiguous():
-        raise ValueError(f"{pool_name} must be a contiguous [pages, page_size, HKV, D] tensor, got {tuple(pool.shape)}")
-    return table, table.shape[1], pool.shape[1]
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError(f"{pool_names} must be contiguous [pages, page_size, HKV, DK/DV] tensors alike, got "
+                         f"{tuple(k.shape)} {'' if k.is_contiguous() else '(non-contiguous) '}and {tuple(v.shape)}"
+                         f"{'' if v.is_contiguous() else ' (non-contiguous)'}")
+    return table, table.shape[1], k.shape[1]
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -572,11 +575,12 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
                          f"{tuple(k_cmp.shape)}, {tuple(v_cmp.shape)}")
     if (k_win is None) != (v_win is None):
         raise ValueError("k_win and v_win must be given together (or neither, to reuse k and v)")
-    table, max_pages, page = _pages("block_table", block_table, "k", k, B)
+    table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
     if k_win is None:
         k_win, v_win, win_table, win_max_pages, win_page = k, v, table, max_pages, page
     else:
-        win_table, win_max_pages, win_page = _pages("win_block_table", win_block_table, "k_win", k_win, B)
+        win_table, win_max_pages, win_page = _pages("win_block_table", win_block_table, "k_win, v_win", k_win, v_win,
+                                                    B)
         if win_block_table is None and k_win.shape[1] < cfg.window + C - 1:
             raise ValueError(f"the window ring k_win must hold window + C - 1 = {cfg.window + C - 1} tokens, "
                              f"got {k_win.shape[1]}")
@@ -696,15 +700,15 @@ def dense_decode(q, k, v, cache_seqlens, scale: float | None = None, *, block_ta
     if q.dim() != 4:
         raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
     B, C, HQ, DK = q.shape
+    table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
     HKV, DV = k.shape[2], v.shape[3]
     if HKV < 1 or HQ % HKV:
         raise ValueError(f"the query heads HQ={HQ} must be a multiple of the key/value heads HKV={HKV}")
-    if k.shape[:3] != v.shape[:3] or k.shape[3] != DK:
-        raise ValueError(f"k, v must be [.., .., HKV, DK/DV] with DK={DK}, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != DK:
+        raise ValueError(f"k's head dim must be q's DK={DK}, got {tuple(k.shape)}")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
                          f"{tuple(cache_seqlens.shape)}")
-    table, max_pages, page = _pages("block_table", block_table, "k", k, B)
     scale = DK ** -0.5 if scale is None else scale
     if C > MAX_QUERIES:
         return torch.cat([dense_decode(q[:, c0:c0 + MAX_QUERIES], k, v, cache_seqlens + c0, scale,

@@ -207,9 +207,12 @@ def test_exact_ties_go_to_the_smaller_block():
     assert torch.equal(idx, idx_ref)
 
 
-def test_refuses_a_short_window_ring():
+def test_refuses_bad_caches():
     full, past, q, gates = make_cache([40], 1, 2, 1, 16, 16, SMALL, 64, torch.float32)
     f = lambda x: x.float()  # noqa: E731
+    with pytest.raises(ValueError, match=r"k, v must be contiguous .*\(non-contiguous\)"):
+        nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]).repeat(1, 2, 1, 1)[:, ::2], f(full["k_cmp"]),
+                   f(full["v_cmp"]), past.int(), SMALL)
     with pytest.raises(ValueError, match="window ring k_win must hold"):
         nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]),
                    past.int(), SMALL, k_win=f(full["k_win"][:, :10]), v_win=f(full["v_win"][:, :10]))
@@ -257,13 +260,27 @@ def test_dense_decode_equals_causal_attention(lengths, C, HQ, HKV, capacity, pag
 
 
 def test_dense_decode_refuses_bad_inputs():
-    q, k = torch.zeros(1, 1, 4, 16), torch.zeros(1, 32, 2, 16)
+    q, k, lengths = torch.zeros(1, 1, 4, 16), torch.zeros(1, 32, 2, 16), torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
-        dense_decode(torch.zeros(1, 1, 3, 16), k, k, torch.zeros(1, dtype=torch.int32))
+        dense_decode(torch.zeros(1, 1, 3, 16), k, k, lengths)
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
         dense_decode(q, k, k, torch.zeros(1, dtype=torch.int64))
-    with pytest.raises(ValueError, match="k, v must be"):
-        dense_decode(q, k, torch.zeros(1, 32, 1, 16), torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k, v must be contiguous .* alike"):
+        dense_decode(q, k, torch.zeros(1, 32, 1, 16), lengths)
+    with pytest.raises(ValueError, match=r"\(non-contiguous\)"):
+        dense_decode(q, k, torch.zeros(1, 2, 32, 16).transpose(1, 2), lengths)
+    with pytest.raises(ValueError, match="head dim must be q's"):
+        dense_decode(q, torch.zeros(1, 32, 2, 32), k, lengths)
+
+
+def test_dense_decode_long_chunks_go_in_parts(monkeypatch):
+    lengths, C = [70, 41], 5
+    k, v, q = (torch.randn(*shape, device=DEVICE) for shape in ((2, 80, 1, 16), (2, 80, 1, 16), (2, C, 4, 16)))
+    past = torch.tensor(lengths, dtype=torch.int32, device=DEVICE) - C
+    whole = dense_decode(q, k, v, past)
+    monkeypatch.setattr(decode, "MAX_QUERIES", 2)
+    torch.testing.assert_close(dense_decode(q, k, v, past), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole, causal_rows(q, k, v, lengths, C, 0.25), rtol=1e-5, atol=1e-5)
 
 
 PAPER = SparsityConfig()
