@@ -77,6 +77,15 @@ class StepState:
     k_cmp_new: torch.Tensor | None = None
     v_cmp_new: torch.Tensor | None = None
 
+    def kernel_path(self, q: torch.Tensor, *more: torch.Tensor, backend: str | None = None) -> bool:
+        """Whether a step of queries q (and more inputs) runs the decode kernels: the Triton backend, not float64,
+        and nothing to differentiate (the kernels have no backward; with gradients the reference path runs)."""
+        from .functional import resolve_backend
+
+        inputs = (q, *more, self.layer.k, self.layer.v)
+        return (resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64
+                and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)))
+
     def kernel_block_table(self) -> torch.Tensor | None:
         """The block table the decode kernels take: None for a contiguous cache (one page per sequence)."""
         paged = self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1
@@ -463,14 +472,13 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, state: StepState, cfg
         cfg: the layer's knobs.
         scale: softmax scale, default 1 / sqrt(DK).
         return_indices: also return idx [B, C, HKV, n], the selected blocks as nsa_attention returns them.
-        backend: "triton" (the fused decode kernels, nsa.ops.decode), "reference", or None (Triton for CUDA).
+        backend: "triton" (the fused decode kernels, nsa.ops.decode), "reference", or None (Triton for CUDA);
+            with gradients to compute (grad mode and an input that requires them) the reference path runs.
     Returns:
         o [B, C, HQ, DV] in q's dtype, or (o, idx).
     """
-    from .functional import resolve_backend
-
     layer = state.layer
-    if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
+    if state.kernel_path(q, gates, layer.k_cmp, state.k_win, backend=backend):
         from .ops.decode import nsa_decode
 
         return nsa_decode(q, gates, layer.k, layer.v, layer.k_cmp, layer.v_cmp, state.past, cfg, scale,

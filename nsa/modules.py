@@ -15,7 +15,7 @@ from torch import nn
 
 from .cache import decode_attention
 from .config import SparsityConfig
-from .functional import check_cu_seqlens, nsa_attention, resolve_backend
+from .functional import check_cu_seqlens, nsa_attention
 from .reference import stat_dtype
 
 # sigmoid(-ln 2) = 1/3: the three gates start summing to one, so the gated output starts as an average of three
@@ -324,7 +324,7 @@ class DenseAttention(nn.Module):
     The dense baseline on equal terms: its one K/V pair plays the selected branch's part (same shapes, same
     rotation), and it reads and fills an NSACache the same way (keys and values only); on the Triton backend (a GPU)
     new tokens against a filled cache go through nsa.ops.decode.dense_decode, the split-key kernel built like NSA's
-    decode kernels, so that a captured step reads only each sequence's keys. Arguments as in
+    decode kernels, so that a captured step reads only each sequence's keys (with gradients to compute, SDPA). Arguments as in
     NativeSparseAttention, without the sparsity ones.
     """
 
@@ -347,7 +347,7 @@ class DenseAttention(nn.Module):
         past, allowed = 0, None
         if cache is not None:
             state = cache.update(self.layer_idx, k, v)
-            if state.past_max and resolve_backend(None, q.device) == "triton" and q.dtype != torch.float64:
+            if state.past_max and state.kernel_path(q):
                 # New tokens against a filled cache: the split-key decode kernel over each sequence's own keys
                 # (lengths on the device, shapes fixed by the capacity, so a CUDA graph can capture the step).
                 from .ops.decode import dense_decode

@@ -204,8 +204,10 @@ def test_dense_attention_varlen_and_cache():
     torch.testing.assert_close(torch.cat(steps, dim=1), d(x), rtol=1e-10, atol=1e-12)
 
 
+@torch.no_grad()
 def dense_steps(layer, x, cache, first):
-    """The layer's outputs for x [B, T, hidden] fed as a prompt of `first` tokens, then one token per step."""
+    """The layer's outputs for x [B, T, hidden] fed as a prompt of `first` tokens, then one token per step
+    (inference: without gradients, which would take the decode steps off the kernels)."""
     layer(x[:, :first], cache=cache)
     return torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(first, x.shape[1])], dim=1)
 
@@ -227,6 +229,27 @@ def test_dense_attention_decodes_through_the_split_kernel(cuda_graph, monkeypatc
     monkeypatch.setenv("NSA_BACKEND", "triton")
     torch.testing.assert_close(dense_steps(d, x, new_cache(), 20), expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == 7
+
+
+def test_decode_steps_with_gradients_take_the_differentiable_path(monkeypatch):
+    """The decode kernels have no backward: where a step has gradients to compute, the Triton backend runs the
+    reference path, and the gradients reach the projections."""
+    import nsa.ops.decode as decode
+
+    calls = []
+    for name in ("dense_decode", "nsa_decode"):
+        monkeypatch.setattr(decode, name, lambda *a, _kernel=getattr(decode, name), **kw: calls.append(name)
+                            or _kernel(*a, **kw))
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    x = torch.randn(1, 21, 48)
+    for layer in (DenseAttention(48, 6, 2, head_dim=16, v_head_dim=32),
+                  make(hidden=48, heads=6, kv_heads=2, head_dim=16, v_head_dim=32).float()):
+        cache = nsa.NSACache()
+        with torch.no_grad():
+            layer(x[:, :20], cache=cache)
+        layer(x[:, 20:], cache=cache).sum().backward()
+        assert layer.q_proj.weight.grad.abs().sum() > 0
+    assert not calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode kernel at real shapes needs a GPU")
