@@ -93,7 +93,7 @@ class StepState:
 
     def contiguous_kv(self, length: int):
         """k, v [B, length, HKV, D] of a contiguous cache (the dense layer's SDPA reads them)."""
-        if self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1:
+        if self.kernel_block_table() is not None:
             raise NotImplementedError("dense attention reads a contiguous cache; a paged one is not supported")
         return self.layer.k[:, :length], self.layer.v[:, :length]
 

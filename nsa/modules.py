@@ -324,8 +324,8 @@ class DenseAttention(nn.Module):
     The dense baseline on equal terms: its one K/V pair plays the selected branch's part (same shapes, same
     rotation), and it reads and fills an NSACache the same way (keys and values only); on the Triton backend (a GPU)
     new tokens against a filled cache go through nsa.ops.decode.dense_decode, the split-key kernel built like NSA's
-    decode kernels, so that a captured step reads only each sequence's keys (with gradients to compute, SDPA). Arguments as in
-    NativeSparseAttention, without the sparsity ones.
+    decode kernels, so that a captured step reads only each sequence's keys (with gradients to compute, SDPA).
+    Arguments as in NativeSparseAttention, without the sparsity ones.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,

@@ -493,6 +493,24 @@ def _pages(name, table, pool_names, k, v, batch):
     return table, table.shape[1], k.shape[1]
 
 
+def _check_step(q, k, v, cache_seqlens, block_table):
+    """The checks nsa_decode and dense_decode share (q, the pools k, v and their table, cache_seqlens); returns
+    (table, max_pages, page) as _pages does."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
+    B, _, HQ, DK = q.shape
+    table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
+    HKV = k.shape[2]
+    if HKV < 1 or HQ % HKV:
+        raise ValueError(f"the query heads HQ={HQ} must be a multiple of the key/value heads HKV={HKV}")
+    if k.shape[3] != DK:
+        raise ValueError(f"k's head dim must be q's DK={DK}, got {tuple(k.shape)}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
+    return table, max_pages, page
+
+
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -558,24 +576,17 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         arguments' shapes. The kernels' float32 work buffers (partial softmaxes, each tile's block scores) grow
         with B * HKV * min(C, MAX_QUERIES) * G and with the capacity in blocks, S_cap / l'.
     """
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
+    table, max_pages, page = _check_step(q, k, v, cache_seqlens, block_table)
     caches = dict(k_win=k_win, v_win=v_win, block_table=block_table, win_block_table=win_block_table)
     B, C, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
-    if HKV < 1 or HQ % HKV:
-        raise ValueError(f"the query heads HQ={HQ} must be a multiple of the key/value heads HKV={HKV}")
     G = HQ // HKV
     _check("gates", gates, (B, C, HQ, 3), "[B, C, HQ, 3]")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
-                         f"{tuple(cache_seqlens.shape)}")
     if k_cmp.dim() != 4 or k_cmp.shape[0] != B or k_cmp.shape[2:] != (HKV, DK) or v_cmp.shape != (*k_cmp.shape[:3], DV):
         raise ValueError(f"k_cmp, v_cmp must be [B, Tc_cap, HKV, DK/DV] = [{B}, Tc_cap, {HKV}, {DK}/{DV}], got "
                          f"{tuple(k_cmp.shape)}, {tuple(v_cmp.shape)}")
     if (k_win is None) != (v_win is None):
         raise ValueError("k_win and v_win must be given together (or neither, to reuse k and v)")
-    table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
     if k_win is None:
         k_win, v_win, win_table, win_max_pages, win_page = k, v, table, max_pages, page
     else:
@@ -697,18 +708,9 @@ def dense_decode(q, k, v, cache_seqlens, scale: float | None = None, *, block_ta
         can be captured in a CUDA graph. The float32 partial softmaxes take B * HKV * C * G_PAD * (DV + 2) * 4
         bytes per split, about 2 * 132 programs in all.
     """
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
+    table, max_pages, page = _check_step(q, k, v, cache_seqlens, block_table)
     B, C, HQ, DK = q.shape
-    table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
     HKV, DV = k.shape[2], v.shape[3]
-    if HKV < 1 or HQ % HKV:
-        raise ValueError(f"the query heads HQ={HQ} must be a multiple of the key/value heads HKV={HKV}")
-    if k.shape[3] != DK:
-        raise ValueError(f"k's head dim must be q's DK={DK}, got {tuple(k.shape)}")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must be int32 [B] = [{B}], got {cache_seqlens.dtype} "
-                         f"{tuple(cache_seqlens.shape)}")
     scale = DK ** -0.5 if scale is None else scale
     if C > MAX_QUERIES:
         return torch.cat([dense_decode(q[:, c0:c0 + MAX_QUERIES], k, v, cache_seqlens + c0, scale,
