@@ -1,5 +1,6 @@
-"""Operations that launch work (views excluded) in one decode step of NSAForCausalLM, per decoder layer, NSA against
-its dense twin, by the function that issued them. Runs on the CPU; NSA's decode kernels are left out (a stub stands
+"""Operations that launch work (views excluded) in a decode step of NSAForCausalLM, per decoder layer, NSA against
+its dense twin, by the function that issued them; for NSA a step that runs phi (a block of l tokens completes: one
+step in d) and one that does not (it only moves phi's tail ring on). Runs on the CPU; NSA's decode kernels are left out (a stub stands
 in for decode_attention), so what is counted for NSA is what surrounds them: projections, RoPE, phi, the cache's
 rings, norms and MLP; the dense layer's count includes its attention call (SDPA's reference path here; on a GPU
 dense_decode, two kernels). The cache is one for CUDA graphs (fixed
@@ -61,22 +62,31 @@ def count(attn_impl: str, layers: int, prompt: int, dtype: torch.dtype) -> colle
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=1500)
+    parser.add_argument("--prompt", type=int, default=1500, help="tokens before the counted step (about)")
     parser.add_argument("--dtype", default="bfloat16", help="the model's dtype (the GPU benchmark's: bfloat16)")
     args = parser.parse_args()
     nsa.modules.decode_attention = lambda q, gates, state, cfg: q.new_zeros(*q.shape[:3], state.layer.v.shape[-1])
+    cfg = NSAConfig.nsa_1b().sparsity
+    # The counted step appends position prompt + 1: the first prompt from args.prompt on whose step runs phi (a block
+    # of l tokens ends there, once every d steps) and the first whose step does not.
+    ends = lambda prompt: (prompt + 1 - cfg.cmp_block + 1) % cfg.cmp_stride == 0  # noqa: E731
+    prompts = {phi: next(p for p in range(args.prompt, args.prompt + cfg.cmp_stride) if ends(p) == phi)
+               for phi in (True, False)}
     totals = {}
-    for attn_impl in ("nsa", "dense"):
-        by_function = count(attn_impl, args.layers, args.prompt, getattr(torch, args.dtype))
-        one_layer = count(attn_impl, 1, args.prompt, getattr(torch, args.dtype))
+    for attn_impl, phi in (("nsa", True), ("nsa", False), ("dense", False)):
+        prompt = prompts[phi]
+        by_function = count(attn_impl, args.layers, prompt, getattr(torch, args.dtype))
+        one_layer = count(attn_impl, 1, prompt, getattr(torch, args.dtype))
         per_layer = (sum(by_function.values()) - sum(one_layer.values())) / (args.layers - 1)
-        totals[attn_impl] = per_layer
-        print(f"{attn_impl}: {per_layer:.0f} operations per decoder layer per step")
-        for name, n in sorted(((k, (by_function[k] - one_layer[k]) / (args.layers - 1)) for k in by_function),
-                              key=lambda kv: -kv[1]):
+        name = f"{attn_impl}{', a step with phi' if phi else ', a step without phi' if attn_impl == 'nsa' else ''}"
+        totals[name] = per_layer
+        print(f"{name} (position {prompt + 1}): {per_layer:.0f} operations per decoder layer per step")
+        for function, n in sorted(((k, (by_function[k] - one_layer[k]) / (args.layers - 1)) for k in by_function),
+                                  key=lambda kv: -kv[1]):
             if n:
-                print(f"  {n:5.0f}  {name}")
-    print(f"NSA / dense: {totals['nsa'] / totals['dense']:.2f}x")
+                print(f"  {n:5.0f}  {function}")
+    for name, n in totals.items():
+        print(f"{name}: {n / totals['dense']:.2f}x the dense layer's")
 
 
 if __name__ == "__main__":

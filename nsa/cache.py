@@ -64,7 +64,8 @@ class StepState:
 
     past [B] int32 (device) and past_max (host): the tokens before the step; end [B] int32: the tokens after it;
     k_win, v_win: the window ring to read (None: the raw k, v); k_cmp_new, v_cmp_new [B, ceil(C/d), HKV, D]: the
-    compressed tokens phi made this step, in block order (the first Tc(C) of them are a prefill's when past is 0).
+    compressed tokens phi made this step, in block order (the first Tc(C) of them are a prefill's when past is 0;
+    None when the step ran no phi, NSACache.compresses()).
     """
 
     layer: LayerCache
@@ -234,8 +235,9 @@ class NSACache:
         self.page_size = page_size
         self.num_pages = num_pages
         self.cuda_graph = cuda_graph
-        # The model's captured decode step (nsa.models.DecodeGraph), bound to this cache's tensors.
-        self.graph = None
+        # The model's captured decode steps (nsa.models.DecodeGraph), bound to this cache's tensors, by the batch's
+        # shape and whether the step runs phi (compresses()).
+        self.graphs: dict = {}
         self.layers: list[LayerCache | None] = []
         self.lengths: list[int] = []
         # Whether every update so far appended the same number of tokens to every sequence (no `lengths`), and
@@ -255,6 +257,17 @@ class NSACache:
     @property
     def paged(self) -> bool:
         return self.page_size is not None
+
+    def compresses(self, past: int, C: int, cfg: SparsityConfig) -> bool:
+        """Whether a step of C new tokens after `past` (a layer's host length) runs phi: when a block of cfg ends
+        among the new tokens (block i ends at token i*d + l - 1), and always when the host lengths do not stand for
+        every sequence's (an update passed `lengths`) or on a first fill. The other steps (d - 1 of every d one-token
+        steps) only move the tail ring on."""
+        if not self.uniform or past == 0:
+            return True
+        l, d = cfg.cmp_block, cfg.cmp_stride
+        last = past + C - 1
+        return last >= l - 1 and (last - l + 1) // d * d + l - 1 >= past
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The tokens the layer has seen (the longest sequence's; 0 for a layer not yet filled)."""
@@ -405,12 +418,15 @@ class NSACache:
         return past, end, table, (table.long().gather(1, pos // P) * P + pos % P).flatten()
 
     def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
-        """phi over the blocks that end among the new tokens; the tail ring moves on."""
+        """phi over the blocks that end among the new tokens (if any: compresses()); the tail ring moves on."""
         rows_per_seq = layer.k_cmp.shape[1]
         target, blocks_at, last_at, tail_append = self.per_step(
             ("compress", *key, cfg, rows_per_seq),
             lambda: _compress_index(state.past, state.end, k_raw.shape[1], cfg, rows_per_seq, ragged))
         tails = ((layer.k_tail, k_raw.to(layer.k_tail.dtype)), (layer.v_tail, v_raw.to(layer.v_tail.dtype)))
+        if not self.compresses(key[0], k_raw.shape[1], cfg):
+            append_to_rings(tails, tail_append)
+            return
         last = self.per_step(("last_positions", *key, cfg), lambda: position_ids.long().gather(1, last_at),
                              anchor=position_ids)
         # The gathered blocks lie one after the other: phi reads them in place.

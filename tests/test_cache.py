@@ -63,6 +63,36 @@ def test_incremental_phi_and_selection_match_training_path():
     assert (idx[:, -1] >= 0).sum() == SMALL.num_selected * 2
 
 
+def test_phi_runs_only_on_steps_that_complete_a_block():
+    cache = NSACache()
+    l, d = SMALL.cmp_block, SMALL.cmp_stride
+    for past in range(1, 60):
+        for C in range(1, 6):
+            ends = any(e >= l - 1 and (e - l + 1) % d == 0 for e in range(past, past + C))
+            assert cache.compresses(past, C, SMALL) == ends, (past, C)
+    assert cache.compresses(0, 1, SMALL)
+    cache.uniform = False  # the host lengths no longer stand for every sequence's
+    assert cache.compresses(5, 1, SMALL)
+
+    m = make()
+    calls = []
+
+    def compress(k, v, last):
+        calls.append(last)
+        return m.compress(k, v, last, cache=cache)
+
+    cache = NSACache()
+    x = torch.randn(2, 40, 48, dtype=torch.float64)
+    for t in range(40):
+        p = m.project(x[:, t:t + 1], torch.full((2, 1), t))
+        state = cache.update(0, p["k_slc"], p["v_slc"], k_win=p["k_win"], v_win=p["v_win"], k_cmp_raw=p["k_cmp"],
+                             v_cmp_raw=p["v_cmp"], position_ids=torch.full((2, 1), t), compress=compress,
+                             sparsity=SMALL)
+        assert (state.k_cmp_new is None) == (t > 0 and (t < l - 1 or (t - l + 1) % d != 0)), t
+    # The first step, then each step whose token ends a block: 7, 11, ..., 39.
+    assert [int(last[0, 0]) for last in calls[1:]] == list(range(l - 1, 40, d))
+
+
 def test_a_growing_cache_keeps_its_compressed_tokens():
     """Past its first room (256 tokens) a contiguous cache doubles: the compressed tokens move with it (the scratch
     row to the new end), and decoding still equals the training path."""
@@ -99,11 +129,14 @@ def test_the_layers_of_a_step_share_their_index_arithmetic():
     for t0, t1 in ((0, 20), (20, 21), (21, 30), (30, 31)):
         pos = torch.arange(t0, t1).expand(2, -1)
         ref = [m(x[:, t0:t1], position_ids=pos, cache=apart) for m in layers]
+        phi = shared.compresses(t0, t1 - t0, SMALL)
+        assert phi == (t0 in (0, 21))  # 20 and 30 are no block's last token (7, 11, 15, ...)
         with shared.step():
             out = [m(x[:, t0:t1], position_ids=pos, cache=shared) for m in layers]
-            # One entry of each kind, two of RoPE phases (the queries' and keys', and phi's at the blocks' ends).
-            assert sorted(key[0] for key in shared._memo) == ["compress", "last_positions", "rope", "rope", "update",
-                                                               "window"]
+            # One entry of each kind, two of RoPE phases (the queries' and keys', and phi's at the blocks' ends, on
+            # a step that runs phi).
+            expected = ["compress", "last_positions", "rope", "rope"] if phi else ["compress", "rope"]
+            assert sorted(key[0] for key in shared._memo) == expected + ["update", "window"]
         for a, b in zip(ref, out):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     m = layers[1]

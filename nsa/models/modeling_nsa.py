@@ -165,13 +165,18 @@ class NSAModel(NSAPreTrainedModel):
         return self.norm(hidden_states)
 
     def _graph_step(self, input_ids, position_ids, cache: NSACache) -> torch.Tensor:
-        """A one-token decode step on a cache with cuda_graph: the first runs eagerly (it compiles and tunes the
-        kernels) and captures the step for the next ones, which replay it."""
-        if cache.graph is None or cache.graph.input_ids.shape != input_ids.shape:
+        """A one-token decode step on a cache with cuda_graph: the first of its kind runs eagerly (it compiles and
+        tunes the kernels) and captures the step for the next ones, which replay it. Two kinds for NSA layers: the
+        steps that run phi (a block completes) and the others, which skip it."""
+        nsa_layers = self.config.attn_impl == "nsa"
+        kind = (tuple(input_ids.shape),
+                nsa_layers and cache.compresses(cache.get_seq_length(), 1, self.config.sparsity))
+        graph = cache.graphs.get(kind)
+        if graph is None:
             hidden_states = self._decoder(self.embed_tokens(input_ids), position_ids, cache)
-            cache.graph = DecodeGraph(self, cache, input_ids, position_ids)
+            cache.graphs[kind] = DecodeGraph(self, cache, input_ids, position_ids)
             return hidden_states
-        return cache.graph.replay(input_ids, position_ids, cache)
+        return graph.replay(input_ids, position_ids, cache)
 
 
 class DecodeGraph:
