@@ -173,8 +173,9 @@ class NSAModel(NSAPreTrainedModel):
                 nsa_layers and cache.compresses(cache.get_seq_length(), 1, self.config.sparsity))
         graph = cache.graphs.get(kind)
         if graph is None:
+            lengths = list(cache.lengths)
             hidden_states = self._decoder(self.embed_tokens(input_ids), position_ids, cache)
-            cache.graphs[kind] = DecodeGraph(self, cache, input_ids, position_ids)
+            cache.graphs[kind] = DecodeGraph(self, cache, input_ids, position_ids, lengths)
             return hidden_states
         return graph.replay(input_ids, position_ids, cache)
 
@@ -191,14 +192,19 @@ class DecodeGraph:
     them.
     """
 
-    def __init__(self, model: NSAModel, cache: NSACache, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    def __init__(self, model: NSAModel, cache: NSACache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 lengths: list[int]):
+        """lengths: the cache's host lengths before a step of the kind to capture. The capture runs the step's Python
+        at them, so that it takes that step's branches (phi or not), whatever the cache holds now; its kernels read
+        the device lengths when replayed."""
         self.input_ids, self.position_ids = input_ids.clone(), position_ids.clone()
-        lengths = list(cache.lengths)
+        now = list(cache.lengths)
+        cache.lengths[:] = lengths
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.hidden_states = model._decoder(model.embed_tokens(self.input_ids), self.position_ids, cache)
         # Capturing ran the step's Python, which counts the new token on the host, but none of its kernels.
-        cache.lengths[:] = lengths
+        cache.lengths[:] = now
 
     def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """[B, 1, hidden_size]: the step for these inputs, which appends their token to every layer's cache."""

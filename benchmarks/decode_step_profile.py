@@ -1,0 +1,99 @@
+"""Where a decode step of the 1B preset goes: NSAForCausalLM against its dense twin after a prompt of --context
+tokens, on a cache for CUDA graphs (as `nsa bench`'s generate() decodes).
+
+For each model and batch: the replayed step's time (CUDA events, median of 20), for NSA both kinds of step (one that
+runs phi, when a block of l tokens completes, and one that does not; see NSACache.compresses), and the kernels of
+one decoder layer's step run eagerly under the profiler (count, device time, the largest by name). A layer's share
+of the step's index arithmetic (NSACache.step()) is in its figures: it is the first layer of its step.
+
+python3 benchmarks/decode_step_profile.py [--context 32768] [--batches 1,16] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+import nsa
+from nsa.models import NSAConfig, NSAForCausalLM
+
+
+def replay_ms(graph, n: int = 20) -> float:
+    times = []
+    for _ in range(n):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[n // 2]
+
+
+def layer_kernels(model, cache, token, position) -> dict:
+    """The kernels of the first decoder layer's eager step at `position` (it appends to the cache)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with cache.step():
+            model.model.layers[0](model.model.embed_tokens(token), position_ids=position, cache=cache)
+        torch.cuda.synchronize()
+    time, count = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            time[event.name[:70]] += event.device_time
+            count[event.name[:70]] += 1
+    return dict(kernels=sum(count.values()), us=sum(time.values()),
+                top=[dict(name=name, us=t, count=count[name]) for name, t in time.most_common(12)])
+
+
+def profile_model(attn_impl: str, context: int, batch: int) -> dict:
+    config = NSAConfig.nsa_1b(attn_impl=attn_impl, max_position_embeddings=context + 64)
+    torch.manual_seed(0)
+    model = NSAForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    # Room for the steps below and the replays that time them (each moves the device lengths on a token).
+    cache = nsa.NSACache(capacity=context + 128, cuda_graph=True)
+    cfg = config.sparsity
+    with torch.no_grad():
+        token = model(torch.randint(1, config.vocab_size, (batch, context), device="cuda"), cache=cache,
+                      logits_to_keep=1).logits.argmax(-1)
+        # Steps at positions context, context + 1, ...: each kind's first one captures it, the next replays.
+        kinds = {}
+        for p in range(context, context + 2 * cfg.cmp_stride + 2):
+            phi = attn_impl == "nsa" and cache.compresses(cache.get_seq_length(), 1, cfg)
+            kinds.setdefault(phi, p)
+            model(token, cache=cache, position_ids=torch.full((batch, 1), p, device="cuda"))
+        torch.cuda.synchronize()
+        row = dict(attn_impl=attn_impl, B=batch, context=context,
+                   replay_ms={("with phi" if phi else "without phi") if attn_impl == "nsa" else "step":
+                              replay_ms(graph.graph) for (_, phi), graph in cache.graphs.items()})
+        position = cache.get_seq_length()
+        row["layer"] = layer_kernels(model, cache, token, torch.full((batch, 1), position, device="cuda"))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = [profile_model(attn_impl, args.context, int(b)) for attn_impl in ("nsa", "dense")
+            for b in args.batches.split(",")]
+    for r in rows:
+        steps = ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in r["replay_ms"].items())
+        print(f"{r['attn_impl']:5} B{r['B']:<3} replayed step: {steps}; one layer eagerly: {r['layer']['kernels']} "
+              f"kernels, {r['layer']['us']:.1f} us")
+        for k in r["layer"]["top"][:6]:
+            print(f"      {k['us']:7.1f} us {k['count']:3d}x  {k['name']}")
+    if args.out:
+        env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
