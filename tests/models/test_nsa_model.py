@@ -1,5 +1,6 @@
 """The NSA causal LM on transformers: forward, loss, backward, generate, round trip, Auto classes, presets."""
 
+import contextlib
 import math
 
 import pytest
@@ -201,6 +202,40 @@ def test_cache_for_cuda_graphs_needs_a_fixed_capacity():
     m(torch.randint(1, 101, (1, 20)), cache=cache)
     with pytest.raises(ValueError, match="holds 24 tokens per sequence; 25 needed"):
         m(torch.randint(1, 101, (1, 5)), cache=cache)
+
+
+def test_each_kind_of_captured_step_runs_phi_as_its_steps_do(monkeypatch):
+    """A capture runs the step's Python once, and its branches are what the graph replays: the capture of a step
+    that completes a block must run phi and the other's must not, although each kind is captured after an eager
+    step of its kind has moved the host lengths on. A stand-in for CUDA graphs (none on the CPU) counts the layers
+    that run phi while a step is captured."""
+    phi, captures = [], []
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph):
+        before = len(phi)
+        yield
+        captures.append(len(phi) - before)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    m = model().double()
+    for layer in m.model.layers:
+        compress = layer.self_attn.compress
+        layer.self_attn.compress = lambda *args, compress=compress, **kwargs: phi.append(1) or compress(*args, **kwargs)
+    cache = NSACache(capacity=40, cuda_graph=True)
+    ids = torch.randint(1, 101, (2, 20))
+    with torch.no_grad():
+        m(ids, cache=cache)
+        # SMALL's blocks end at tokens 7, 11, ..., 23, 27: steps 23 and 27 run phi. Step 20 captures the kind
+        # without phi, step 23 the kind with it; the others replay.
+        for t in range(20, 28):
+            m.model._graph_step(ids[:, :1], torch.full((2, 1), t), cache)
+    assert captures == [0, 2] and sorted(phi for _, phi in cache.graphs) == [False, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
