@@ -69,8 +69,8 @@ def main():
     cfg = NSAConfig.nsa_1b().sparsity
     # The counted step appends position prompt + 1: the first prompt from args.prompt on whose step runs phi (a block
     # of l tokens ends there, once every d steps) and the first whose step does not.
-    ends = lambda prompt: (prompt + 1 - cfg.cmp_block + 1) % cfg.cmp_stride == 0  # noqa: E731
-    prompts = {phi: next(p for p in range(args.prompt, args.prompt + cfg.cmp_stride) if ends(p) == phi)
+    runs_phi = lambda prompt: NSACache().compresses(prompt + 1, 1, cfg)  # noqa: E731
+    prompts = {phi: next(p for p in range(args.prompt, args.prompt + cfg.cmp_stride) if runs_phi(p) == phi)
                for phi in (True, False)}
     totals = {}
     for attn_impl, phi in (("nsa", True), ("nsa", False), ("dense", False)):

@@ -56,15 +56,11 @@ def profile_model(attn_impl: str, context: int, batch: int) -> dict:
     model = NSAForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
     # Room for the steps below and the replays that time them (each moves the device lengths on a token).
     cache = nsa.NSACache(capacity=context + 128, cuda_graph=True)
-    cfg = config.sparsity
     with torch.no_grad():
         token = model(torch.randint(1, config.vocab_size, (batch, context), device="cuda"), cache=cache,
                       logits_to_keep=1).logits.argmax(-1)
         # Steps at positions context, context + 1, ...: each kind's first one captures it, the next replays.
-        kinds = {}
-        for p in range(context, context + 2 * cfg.cmp_stride + 2):
-            phi = attn_impl == "nsa" and cache.compresses(cache.get_seq_length(), 1, cfg)
-            kinds.setdefault(phi, p)
+        for p in range(context, context + 2 * config.sparsity.cmp_stride + 2):
             model(token, cache=cache, position_ids=torch.full((batch, 1), p, device="cuda"))
         torch.cuda.synchronize()
         row = dict(attn_impl=attn_impl, B=batch, context=context,
