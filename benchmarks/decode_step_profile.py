@@ -2,8 +2,9 @@
 tokens, on a cache for CUDA graphs (as `nsa bench`'s generate() decodes).
 
 For each model and batch: the replayed step's time (CUDA events, median of 20), for NSA both kinds of step (one that
-runs phi, when a block of l tokens completes, and one that does not; see NSACache.compresses), and the kernels of
-one decoder layer's step run eagerly under the profiler (count, device time, the largest by name). A layer's share
+runs phi, when a block of l tokens completes, and one that does not; see NSACache.compresses); one replay of each
+under the profiler (its kernels, their summed device time and the span from the first kernel's start to the last
+one's end: what is not busy is the time between kernels); and the kernels of one decoder layer's step run eagerly under the profiler (count, device time, the largest by name). A layer's share
 of the step's index arithmetic (NSACache.step()) is in its figures: it is the first layer of its step.
 
 python3 benchmarks/decode_step_profile.py [--context 32768] [--batches 1,16] [--out FILE.json]
@@ -33,6 +34,26 @@ def replay_ms(graph, n: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return sorted(times)[n // 2]
+
+
+def replay_kernels(graph) -> dict:
+    """One replay under the profiler: how many kernels the step launches, their summed device time, and the span
+    from the first kernel's start to the last one's end (the difference is the time between kernels)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return dict(kernels=0)
+    start = min(e.time_range.start for e in kernels)
+    end = max(e.time_range.end for e in kernels)
+    time, count = collections.Counter(), collections.Counter()
+    for e in kernels:
+        time[e.name[:70]] += e.device_time
+        count[e.name[:70]] += 1
+    return dict(kernels=len(kernels), kernel_us=sum(time.values()), span_us=end - start,
+                top=[dict(name=name, us=t, count=count[name]) for name, t in time.most_common(16)])
 
 
 def layer_kernels(model, cache, token, position) -> dict:
@@ -66,6 +87,8 @@ def profile_model(attn_impl: str, context: int, batch: int) -> dict:
         row = dict(attn_impl=attn_impl, B=batch, context=context,
                    replay_ms={("with phi" if phi else "without phi") if attn_impl == "nsa" else "step":
                               replay_ms(graph.graph) for (_, phi), graph in cache.graphs.items()})
+        row["replay_profile"] = {("with phi" if phi else "without phi") if attn_impl == "nsa" else "step":
+                                 replay_kernels(graph.graph) for (_, phi), graph in cache.graphs.items()}
         position = cache.get_seq_length()
         row["layer"] = layer_kernels(model, cache, token, torch.full((batch, 1), position, device="cuda"))
     return row
@@ -83,6 +106,11 @@ def main():
         steps = ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in r["replay_ms"].items())
         print(f"{r['attn_impl']:5} B{r['B']:<3} replayed step: {steps}; one layer eagerly: {r['layer']['kernels']} "
               f"kernels, {r['layer']['us']:.1f} us")
+        for kind, p in r["replay_profile"].items():
+            print(f"      replayed {kind}: {p['kernels']} kernels, {p.get('kernel_us', 0):.0f} us busy of a "
+                  f"{p.get('span_us', 0):.0f} us span")
+            for k in p.get("top", [])[:10]:
+                print(f"        {k['us']:7.1f} us {k['count']:4d}x  {k['name']}")
         for k in r["layer"]["top"][:6]:
             print(f"      {k['us']:7.1f} us {k['count']:3d}x  {k['name']}")
     if args.out:

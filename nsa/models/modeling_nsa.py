@@ -27,7 +27,8 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 
 
 class NSARMSNorm(nn.Module):
-    """RMSNorm over the last dimension, computed in float32."""
+    """RMSNorm over the last dimension, x * rsqrt(mean(x^2) + eps) * weight, as torch's rms_norm computes it (on a
+    GPU one fused kernel, which accumulates in float32: a decode step replays each operation as a kernel)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -35,8 +36,8 @@ class NSARMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        # The weight in x's dtype: the fused kernel wants them alike (under autocast both are float32).
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 class NSAMLP(nn.Module):

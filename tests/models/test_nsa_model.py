@@ -25,6 +25,23 @@ def model(**kwargs):
     return NSAForCausalLM(tiny(**kwargs)).eval()
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_scales_each_vector_to_unit_rms_times_the_weight(dtype, tol):
+    from nsa.models.modeling_nsa import NSARMSNorm
+
+    torch.manual_seed(0)
+    norm = NSARMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 64) * torch.rand(3, 5, 1) * 10).to(dtype)
+    xd = x.double()
+    want = xd / (xd.square().mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
+    got = norm(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("attn_impl", ["nsa", "dense"])
 def test_loss_is_shifted_cross_entropy_and_every_parameter_learns(attn_impl):
     m = model(attn_impl=attn_impl).train()
