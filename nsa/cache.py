@@ -58,6 +58,15 @@ class LayerCache:
     v_win: torch.Tensor | None = None
 
 
+def kernels_serve(q: torch.Tensor, *more: torch.Tensor | None, backend: str | None = None) -> bool:
+    """Whether the Triton kernels serve a step of queries q (and more inputs): the Triton backend, not float64,
+    and nothing to differentiate (the kernels have no backward; with gradients the reference path runs)."""
+    from .functional import resolve_backend
+
+    return (resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64
+            and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, *more))))
+
+
 @dataclass
 class StepState:
     """What one layer attends at one step: its cache after the C new tokens were written.
@@ -79,13 +88,8 @@ class StepState:
     v_cmp_new: torch.Tensor | None = None
 
     def kernel_path(self, q: torch.Tensor, *more: torch.Tensor, backend: str | None = None) -> bool:
-        """Whether a step of queries q (and more inputs) runs the decode kernels: the Triton backend, not float64,
-        and nothing to differentiate (the kernels have no backward; with gradients the reference path runs)."""
-        from .functional import resolve_backend
-
-        inputs = (q, *more, self.layer.k, self.layer.v)
-        return (resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64
-                and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)))
+        """Whether a step of queries q (and more inputs) runs the decode kernels (kernels_serve)."""
+        return kernels_serve(q, *more, self.layer.k, self.layer.v, backend=backend)
 
     def kernel_block_table(self) -> torch.Tensor | None:
         """The block table the decode kernels take: None for a contiguous cache (one page per sequence)."""
@@ -406,6 +410,40 @@ class NSACache:
         layer.seqlens.copy_(end)
         self.lengths[layer_idx] = need
         return state
+
+    def rotate_and_update(self, layer_idx: int, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k: torch.Tensor, v: torch.Tensor, *, k_win=None, v_win=None, k_cmp_raw=None,
+                          v_cmp_raw=None, sparsity: SparsityConfig | None = None):
+        """update() of a decode step fused with RoPE: one kernel (nsa.ops.rope_append) rotates q, k (and k_win) at
+        the phases cos, sin [B, C, 1, DK] and appends every new token, where the decode kernels serve the step and
+        it is a plain one: the layer already holds tokens and room for C more, every sequence appends all C (no
+        `lengths` so far), C fits the rings, and no block of phi completes (compresses()). Arguments as update()'s,
+        with q [B, C, HQ, DK] and k, k_win unrotated.
+
+        Returns (q rotated, the StepState), or None where the step is not such a one: the caller then rotates and
+        calls update(), which gives the same result.
+        """
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        B, C = k.shape[:2]
+        length = self.get_seq_length(layer_idx)
+        if (layer is None or not length or not self.uniform or C > RING_SLACK
+                or (layer.k_tail is not None and C > layer.k_tail.shape[1])
+                or (k_cmp_raw is not None and self.compresses(length, C, sparsity))
+                or (k_win is not None) != (layer.k_win is not None)
+                or (layer.seqlens.shape[0], layer.k.shape[2:]) != (B, k.shape[2:])
+                or (not self.paged and length + C > layer.k.shape[1])
+                or cos.dtype != torch.float32 or not kernels_serve(q, k, v, k_win, v_win, k_cmp_raw, v_cmp_raw)):
+            return None
+        from .ops.rope_append import rope_append
+
+        self.check_room(length + C)
+        past, end, table, _ = self.per_step(("update", length, B, C, layer.k.shape[1]),
+                                            lambda: self._new_rows(layer, C, None))
+        q = rope_append(q, cos.contiguous(), sin.contiguous(), k, v, layer.k, layer.v, table, past, layer.seqlens,
+                        k_win=k_win, v_win=v_win, win_k=layer.k_win, win_v=layer.v_win, k_tail=k_cmp_raw,
+                        v_tail=v_cmp_raw, tail_k=layer.k_tail, tail_v=layer.v_tail)
+        self.lengths[layer_idx] = length + C
+        return q, StepState(layer, table, past, end, length, layer.k_win, layer.v_win)
 
     def _new_rows(self, layer: LayerCache, C: int, lengths: torch.Tensor | None):
         """past, end [B] int32 (the lengths before and after the step), the block table [B, max_pages] and the

@@ -242,13 +242,15 @@ class NativeSparseAttention(nn.Module):
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype, cache=None):
         return step_rotary(position_ids, self.head_dim, self.rope_theta, stat_dtype(dtype), cache)
 
-    def project(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, cache=None) -> dict[str, torch.Tensor]:
+    def project(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, cache=None,
+                rotate: bool = True) -> dict[str, torch.Tensor]:
         """The per-token inputs of the attention core.
 
         Args:
             hidden_states: [B, T, hidden_size].
             position_ids: [B, T].
             cache: an NSACache whose step() shares the RoPE phases between layers (optional).
+            rotate: False leaves q, k_slc and k_win unrotated (rotate() does it).
         Returns:
             q [B, T, HQ, DK] (rotated); k_<branch> [B, T, HKV, DK] and v_<branch> [B, T, HKV, DV] for the
             branches cmp, slc (and win unless shared), k_slc and k_win rotated, k_cmp not (phi reads it raw);
@@ -256,16 +258,20 @@ class NativeSparseAttention(nn.Module):
         """
         B, T, _ = hidden_states.shape
         H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
-        cos, sin = self.rotary(position_ids, hidden_states.dtype, cache)
         kv = self.kv_proj(hidden_states).split([H * DK, H * DV] * len(self.kv_branches), dim=-1)
         out = {"q": self.q_proj(hidden_states).view(B, T, self.num_heads, DK)}
         for i, branch in enumerate(self.kv_branches):
             out[f"k_{branch}"] = kv[2 * i].view(B, T, H, DK)
             out[f"v_{branch}"] = kv[2 * i + 1].view(B, T, H, DV)
-        rotated = ["q"] + [f"k_{branch}" for branch in self.kv_branches if branch != "cmp"]
-        out.update(zip(rotated, apply_rotary_heads([out[name] for name in rotated], cos, sin)))
         out["gates"] = self.gate(hidden_states).to(out["q"].dtype)
+        if rotate:
+            self.rotate(out, *self.rotary(position_ids, hidden_states.dtype, cache))
         return out
+
+    def rotate(self, x: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate project()'s q, k_slc (and k_win) in x at the phases cos, sin, in place of the unrotated ones."""
+        rotated = ["q"] + [f"k_{branch}" for branch in self.kv_branches if branch != "cmp"]
+        x.update(zip(rotated, apply_rotary_heads([x[name] for name in rotated], cos, sin)))
 
     def compress(self, k: torch.Tensor, v: torch.Tensor, last_positions: torch.Tensor,
                  starts: torch.Tensor | None = None, cache=None):
@@ -295,7 +301,16 @@ class NativeSparseAttention(nn.Module):
         B, T, _ = hidden_states.shape
         position_ids = _check_call(self, hidden_states, position_ids, cache, cu_seqlens)
         past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
-        x = self.project(hidden_states, position_ids, cache)
+        x = self.project(hidden_states, position_ids, cache, rotate=False)
+        cos, sin = self.rotary(position_ids, hidden_states.dtype, cache)
+        if cache is not None:
+            # A plain decode step: RoPE and every append to the cache in one kernel.
+            step = cache.rotate_and_update(self.layer_idx, x["q"], cos, sin, x["k_slc"], x["v_slc"],
+                                           k_win=x.get("k_win"), v_win=x.get("v_win"), k_cmp_raw=x["k_cmp"],
+                                           v_cmp_raw=x["v_cmp"], sparsity=self.sparsity)
+            if step is not None:
+                return self.o_proj(decode_attention(step[0], x["gates"], step[1], self.sparsity).reshape(B, T, -1))
+        self.rotate(x, cos, sin)
         k_win, v_win = (x["k_slc"], x["v_slc"]) if self.share_win_kv else (x["k_win"], x["v_win"])
         if cache is None:
             starts = cmp_block_starts(T, self.sparsity, cu_seqlens, hidden_states.device)
@@ -342,19 +357,18 @@ class DenseAttention(nn.Module):
         H, DK, DV = self.num_kv_heads, self.head_dim, self.v_head_dim
         cos, sin = step_rotary(position_ids, DK, self.rope_theta, stat_dtype(hidden_states.dtype), cache)
         k, v = self.kv_proj(hidden_states).split([H * DK, H * DV], dim=-1)
-        q, k = apply_rotary_heads([self.q_proj(hidden_states).view(B, T, self.num_heads, DK), k.view(B, T, H, DK)],
-                                  cos, sin)
-        v = v.view(B, T, H, DV)
+        q, k, v = self.q_proj(hidden_states).view(B, T, self.num_heads, DK), k.view(B, T, H, DK), v.view(B, T, H, DV)
         past, allowed = 0, None
+        if cache is not None:
+            # A plain decode step: RoPE and the append in one kernel (NSACache.rotate_and_update).
+            step = cache.rotate_and_update(self.layer_idx, q, cos, sin, k, v)
+            if step is not None:
+                return self.o_proj(self._decode(*step).reshape(B, T, -1))
+        q, k = apply_rotary_heads([q, k], cos, sin)
         if cache is not None:
             state = cache.update(self.layer_idx, k, v)
             if state.past_max and state.kernel_path(q):
-                # New tokens against a filled cache: the split-key decode kernel over each sequence's own keys
-                # (lengths on the device, shapes fixed by the capacity, so a CUDA graph can capture the step).
-                from .ops.decode import dense_decode
-
-                o = dense_decode(q, state.layer.k, state.layer.v, state.past, block_table=state.kernel_block_table())
-                return self.o_proj(o.reshape(B, T, -1))
+                return self.o_proj(self._decode(q, state).reshape(B, T, -1))
             if cache.cuda_graph and state.past_max:
                 # A decode step of fixed shape (a CUDA graph replays it at every length): all slots, key s visible
                 # to query t of sequence b iff s <= past[b] + t, from the device lengths.
@@ -387,3 +401,10 @@ class DenseAttention(nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
                                            is_causal=allowed is None, enable_gqa=G > 1)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _decode(self, q: torch.Tensor, state) -> torch.Tensor:
+        """New tokens against a filled cache: the split-key decode kernel over each sequence's own keys (lengths on
+        the device, shapes fixed by the capacity, so a CUDA graph can capture the step)."""
+        from .ops.decode import dense_decode
+
+        return dense_decode(q, state.layer.k, state.layer.v, state.past, block_table=state.kernel_block_table())

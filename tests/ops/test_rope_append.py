@@ -1,0 +1,117 @@
+"""rope_append (nsa/ops/rope_append.py): RoPE and a decode step's appends in one kernel, against the unfused torch
+operations they replace; and the modules' decode steps through it (NSACache.rotate_and_update) against the steps
+without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nsa
+from nsa.cache import NSACache
+from nsa.models import NSAConfig, NSAForCausalLM
+from nsa.modules import apply_rotary, rotary_cos_sin
+from nsa.ops.rope_append import rope_append
+from tests.inputs import DEVICE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("paged, rings", [(False, True), (True, True), (True, False)])
+def test_rope_append_equals_rotation_and_appends(dtype, C, paged, rings):
+    B, HQ, HKV, DK, DV, P, R, L = 3, 6, 2, 12, 10, 8, 7, 4
+    kw = dict(dtype=dtype, device=DEVICE)
+    # The new tokens as views of one projection's output (token rows wider than their heads), as a module makes them.
+    proj = torch.randn(B, C, HQ * DK + 3 * HKV * (DK + DV) + 5, **kw)
+    widths = [HQ * DK] + [HKV * DK, HKV * DV] * 3
+    parts = proj[..., :sum(widths)].split(widths, dim=-1)
+    q = parts[0].view(B, C, HQ, DK)
+    k, v, k_win, v_win, k_tail, v_tail = (x.view(B, C, HKV, -1) for x in parts[1:])
+    pages_per_seq = 4
+    if paged:
+        table = torch.randperm(B * pages_per_seq + 2, device=DEVICE)[:B * pages_per_seq].view(B, pages_per_seq)
+        k_pool, v_pool = torch.randn(B * pages_per_seq + 2, P, HKV, DK, **kw), torch.randn(B * pages_per_seq + 2, P, HKV, DV, **kw)
+    else:
+        table = torch.arange(B, device=DEVICE)[:, None]
+        k_pool, v_pool = torch.randn(B, P * pages_per_seq, HKV, DK, **kw), torch.randn(B, P * pages_per_seq, HKV, DV, **kw)
+    table = table.to(torch.int32)
+    win_k, win_v = torch.randn(B, R, HKV, DK, **kw), torch.randn(B, R, HKV, DV, **kw)
+    tail_k, tail_v = torch.randn(B, L, HKV, DK, **kw), torch.randn(B, L, HKV, DV, **kw)
+    past = torch.tensor([5, 0, 27][:B], dtype=torch.int32, device=DEVICE)
+    seqlens = past.clone()
+    pos = past[:, None].long() + torch.arange(C, device=DEVICE) + 100  # RoPE positions need not be cache positions
+    cos, sin = rotary_cos_sin(pos, DK, 10000.0)
+    want = [x.clone() for x in (k_pool, v_pool, win_k, win_v, tail_k, tail_v)]
+    extra = dict(k_win=k_win, v_win=v_win, win_k=win_k, win_v=win_v, k_tail=k_tail, v_tail=v_tail, tail_k=tail_k,
+                 tail_v=tail_v) if rings else {}
+    q_rot = rope_append(q, cos, sin, k, v, k_pool, v_pool, table, past, seqlens, **extra)
+
+    # float32 arithmetic on both sides, which may round a product differently (a fused multiply-add).
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(q_rot, apply_rotary(q, cos, sin), **tol)
+    s = past[:, None].long() + torch.arange(C, device=DEVICE)
+    b = torch.arange(B, device=DEVICE)[:, None]
+    page_len = k_pool.shape[1]
+    rows = table.long()[b, s // page_len], s % page_len
+    want[0][rows], want[1][rows] = apply_rotary(k, cos, sin), v
+    if rings:
+        want[2][b, s % R], want[3][b, s % R] = apply_rotary(k_win, cos, sin), v_win
+        want[4][b, s % L], want[5][b, s % L] = k_tail, v_tail
+    for got, expected in zip((k_pool, v_pool, win_k, win_v, tail_k, tail_v), want):
+        # Everything the step does not write keeps its contents.
+        torch.testing.assert_close(got, expected, **tol)
+    assert torch.equal(seqlens, past + C)
+
+
+def test_rope_append_refuses_more_tokens_than_a_ring_holds():
+    x = torch.randn(1, 5, 2, 8, device=DEVICE)
+    cos, sin = rotary_cos_sin(torch.arange(5, device=DEVICE)[None], 8, 10000.0)
+    ring = torch.zeros(1, 4, 2, 8, device=DEVICE)
+    lengths = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="at most as many new tokens as the rings hold"):
+        rope_append(x, cos, sin, x, x, torch.zeros(1, 16, 2, 8, device=DEVICE), torch.zeros(1, 16, 2, 8, device=DEVICE),
+                    torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), lengths, lengths.clone(), k_win=x, v_win=x,
+                    win_k=ring, win_v=ring)
+
+
+SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
+
+
+@pytest.mark.parametrize("attn_impl, share_win_kv", [("nsa", False), ("nsa", True), ("dense", False)])
+def test_decode_steps_through_rope_append_equal_the_unfused_steps(attn_impl, share_win_kv, monkeypatch):
+    """A model's decode steps on the Triton backend: the plain ones go through rope_append (phi's steps and the
+    prefill do not), and logits and caches equal those of the same steps without it."""
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    config = NSAConfig(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, v_head_dim=32, sparsity=SMALL, attn_impl=attn_impl,
+                       share_win_kv=share_win_kv, pad_token_id=0, eos_token_id=None)
+    model = NSAForCausalLM(config).to(DEVICE).eval()
+    ids = torch.randint(1, 101, (2, 40), device=DEVICE)
+    fused_steps = []
+    unfused = NSACache.rotate_and_update
+
+    def counted(self, *args, **kwargs):
+        step = unfused(self, *args, **kwargs)
+        fused_steps.append(step is not None)
+        return step
+
+    def run(fuse: bool):
+        monkeypatch.setattr(NSACache, "rotate_and_update", counted if fuse else lambda *a, **k: None)
+        cache = NSACache(capacity=64)
+        with torch.no_grad():
+            logits = [model(ids[:, :33], cache=cache).logits]
+            logits += [model(ids[:, t:t + 1], cache=cache).logits for t in range(33, 40)]
+        return torch.cat(logits, 1), cache
+
+    want, want_cache = run(False)
+    got, got_cache = run(True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_cache.layers, want_cache.layers):
+        for name, t in vars(a).items():
+            if isinstance(t, torch.Tensor):
+                torch.testing.assert_close(t, getattr(b, name), rtol=1e-5, atol=1e-5, msg=name)
+    # Per layer: the prefill and phi's steps (positions 35 and 39, where blocks of 8 at stride 4 end) take the
+    # unfused path; the other five steps the fused one.
+    per_step = [fused_steps[i] for i in range(0, len(fused_steps), config.num_hidden_layers)]
+    expected = [False] + [attn_impl == "dense" or (t - 7) % 4 != 0 for t in range(33, 40)]
+    assert per_step == expected
