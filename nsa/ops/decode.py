@@ -61,8 +61,6 @@ MAX_CHUNK_BLOCKS = 512
 # ranks where there are several shares. On the H200 at B16 128k (2048 blocks), 1024 against one share: select
 # 0.0114 ms against 0.0157, the step 0.1391 against 0.1424; with 512 (64 candidates to rank) slc_split took 0.022.
 SELECT_SHARE_BLOCKS = 1024
-SLC_BRANCH = 1
-SLC_BPS_MAX = 2
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
 # Warps per program of the compressed stream, the window, the selected branch and combine (one query head: with one
@@ -323,7 +321,7 @@ def slc_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_CAND: tl.constexpr, CAND_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
-    BPS: tl.constexpr, WRITE_IDX: tl.constexpr, PRECISION: tl.constexpr, BRANCH: tl.constexpr,
+    BPS: tl.constexpr, WRITE_IDX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -367,18 +365,10 @@ def slc_split_kernel(
             j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
             if WRITE_IDX:
                 tl.store(idx + row * NUM_SELECTED + r, j, mask=r < NUM_SELECTED)
-        if BRANCH:
-            if j >= 0:
-                for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
-                    s = j * SLC_BLOCK + s0 + ks
-                    ok = (s0 + ks < SLC_BLOCK) & (s <= t)
-                    kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
-                    acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
-                                                 qk_scale, PRECISION)
-        else:
+        if j >= 0:
             for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                 s = j * SLC_BLOCK + s0 + ks
-                ok = (s0 + ks < SLC_BLOCK) & (s <= t) & (j >= 0)
+                ok = (s0 + ks < SLC_BLOCK) & (s <= t)
                 kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
                 acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
                                              qk_scale, PRECISION)
@@ -558,7 +548,7 @@ def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> Spli
     tb = max(1, BLOCK_N // r_pad)
     jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
-    bps = 1 if batch_heads * cfg.num_selected < target or SLC_BPS_MAX == 1 else 2
+    bps = 1 if batch_heads * cfg.num_selected < target else 2
     nsplit = -(-slc_capacity // jc)
     sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
     return SplitPlan(r_pad, tb, jc, nsplit, bps, 2 if jc // tb <= SHORT_CHUNK else 3, sj, -(-nsplit * jc // sj))
@@ -689,7 +679,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
         BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
         NUM_CAND=plan.nsel * n, CAND_PAD=triton.next_power_of_2(plan.nsel * n), SLC_BLOCK=cfg.slc_block,
-        BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, BRANCH=SLC_BRANCH, num_warps=SLC_WARPS,
+        BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS,
     )
     if side is not None:
         main.wait_stream(side)
