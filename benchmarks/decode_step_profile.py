@@ -4,8 +4,9 @@ tokens, on a cache for CUDA graphs (as `nsa bench`'s generate() decodes).
 For each model and batch: the replayed step's time (CUDA events, median of 20), for NSA both kinds of step (one that
 runs phi, when a block of l tokens completes, and one that does not; see NSACache.compresses); one replay of each
 under the profiler (its kernels, their summed device time and the span from the first kernel's start to the last
-one's end: what is not busy is the time between kernels); and the kernels of one decoder layer's step run eagerly under the profiler (count, device time, the largest by name). A layer's share
-of the step's index arithmetic (NSACache.step()) is in its figures: it is the first layer of its step.
+one's end: what is not busy is the time between kernels); and the kernels of one decoder layer's step run eagerly
+under the profiler (count, device time, the largest by name). A layer's share of the step's index arithmetic
+(NSACache.step()) is in its figures: it is the first layer of its step.
 
 python3 benchmarks/decode_step_profile.py [--context 32768] [--batches 1,16] [--out FILE.json]
 """

@@ -439,7 +439,7 @@ class NSACache:
         self.check_room(length + C)
         past, end, table, _ = self.per_step(("update", length, B, C, layer.k.shape[1]),
                                             lambda: self._new_rows(layer, C, None))
-        q = rope_append(q, cos.contiguous(), sin.contiguous(), k, v, layer.k, layer.v, table, past, layer.seqlens,
+        q = rope_append(q, cos, sin, k, v, layer.k, layer.v, table, past, layer.seqlens,
                         k_win=k_win, v_win=v_win, win_k=layer.k_win, win_v=layer.v_win, k_tail=k_cmp_raw,
                         v_tail=v_cmp_raw, tail_k=layer.k_tail, tail_v=layer.v_tail)
         self.lengths[layer_idx] = length + C

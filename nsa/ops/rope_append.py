@@ -26,10 +26,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_rows(x, row_stride, cos, sin, H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr,
-                 BLOCK_D: tl.constexpr, ROTATE: tl.constexpr):
-    """The H rows of D features at x (row_stride apart) as float32 [H_PAD, BLOCK_D], rotated when ROTATE (zeros
-    outside H x D)."""
+def _load_rows(x, row_stride, cos, sin, H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr,
+               BLOCK_D: tl.constexpr, ROTATE: tl.constexpr):
+    """The H rows of D features at x (row_stride apart) as float32 [H_PAD, BLOCK_D], rotated at the phases cos, sin
+    [BLOCK_D] when ROTATE (zeros outside H x D)."""
     h = tl.arange(0, H_PAD)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     ok = (h < H) & (d < D)
@@ -70,26 +70,26 @@ def rope_append_kernel(
     sn = tl.load(sin + r.to(tl.int64) * DK + dk, mask=dk < DK, other=0.0)
     r64 = r.to(tl.int64)
 
-    qr = _rotate_rows(q + r64 * SQ, DK, cs, sn, HQ, DK, HQ_PAD, BLOCK_DK, True)
+    qr = _load_rows(q + r64 * SQ, DK, cs, sn, HQ, DK, HQ_PAD, BLOCK_DK, True)
     _store_rows(q_out + r64 * (HQ * DK), DK, qr, HQ, DK, HQ_PAD, BLOCK_DK)
 
     page = tl.load(block_table + b * MAX_PAGES + s // PAGE).to(tl.int64)
     row = (page * PAGE + s % PAGE) * HKV
-    kr = _rotate_rows(k + r64 * SK, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
+    kr = _load_rows(k + r64 * SK, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
     _store_rows(k_pool + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-    vr = _rotate_rows(v + r64 * SV, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
+    vr = _load_rows(v + r64 * SV, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
     _store_rows(v_pool + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
     if HAS_WIN:
         row = (b.to(tl.int64) * RING + s % RING) * HKV
-        kr = _rotate_rows(k_win + r64 * SKW, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
+        kr = _load_rows(k_win + r64 * SKW, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
         _store_rows(win_k + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-        vr = _rotate_rows(v_win + r64 * SVW, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
+        vr = _load_rows(v_win + r64 * SVW, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
         _store_rows(win_v + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
     if HAS_TAIL:
         row = (b.to(tl.int64) * TAIL + s % TAIL) * HKV
-        kr = _rotate_rows(k_tail + r64 * SKT, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, False)
+        kr = _load_rows(k_tail + r64 * SKT, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, False)
         _store_rows(tail_k + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-        vr = _rotate_rows(v_tail + r64 * SVT, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
+        vr = _load_rows(v_tail + r64 * SVT, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
         _store_rows(tail_v + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
     if c == 0:
         tl.store(seqlens + b, p0 + C)
@@ -110,7 +110,7 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     """Rotate and append one step's C new tokens per sequence (see the module docstring); returns q rotated.
 
     Args:
-        q: [B, C, HQ, DK]; cos, sin: float32 [B, C, 1, DK] (contiguous).
+        q: [B, C, HQ, DK]; cos, sin: float32 [B, C, 1, DK].
         k, v: [B, C, HKV, DK/DV] the selected branch's new keys (unrotated) and values; k_pool, v_pool: the
             contiguous page pools [pages, P, HKV, DK/DV] they go to, through block_table int32 [B, max_pages].
         past: int32 [B], each sequence's cached tokens before the step; seqlens: int32 [B], set to past + C.
@@ -120,12 +120,14 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     Every token stride of the new tensors may differ (views of one projection's output are read in place).
     """
     B, C, HQ, DK = q.shape
-    HKV, DV = k.shape[2], v.shape[3]
-    ring = win_k.shape[1] if win_k is not None else 1
-    tail = tail_k.shape[1] if tail_k is not None else 1
+    HKV, DV = k_pool.shape[2], v_pool.shape[3]  # the cache's heads: new tokens that differ are named
     rings = [x.shape[1] for x in (win_k, tail_k) if x is not None]
     if rings and C > min(rings):
         raise ValueError(f"rope_append takes at most as many new tokens as the rings hold ({min(rings)}), got C={C}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if tuple(x.shape) != (B, C, 1, DK) or x.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [B, C, 1, DK] = {(B, C, 1, DK)}, got {x.dtype} {tuple(x.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
     q = _token_rows("q", q, B, C, HQ, DK)
     k, v = _token_rows("k", k, B, C, HKV, DK), _token_rows("v", v, B, C, HKV, DV)
     has_win, has_tail = k_win is not None, k_tail is not None
@@ -140,7 +142,8 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
         tail_v if has_tail else v_pool, past, seqlens, C, block_table.shape[1], q.stride(1), k.stride(1),
         v.stride(1), k_win.stride(1), v_win.stride(1), k_tail.stride(1), v_tail.stride(1), HQ=HQ, HKV=HKV, DK=DK,
         DV=DV, HQ_PAD=triton.next_power_of_2(HQ), HKV_PAD=triton.next_power_of_2(HKV),
-        BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV), PAGE=k_pool.shape[1], RING=ring,
-        TAIL=tail, HAS_WIN=has_win, HAS_TAIL=has_tail, num_warps=4,
+        BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV), PAGE=k_pool.shape[1],
+        RING=win_k.shape[1] if has_win else 1, TAIL=tail_k.shape[1] if has_tail else 1, HAS_WIN=has_win,
+        HAS_TAIL=has_tail, num_warps=4,
     )
     return q_out

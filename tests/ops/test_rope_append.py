@@ -29,11 +29,13 @@ def test_rope_append_equals_rotation_and_appends(dtype, C, paged, rings):
     k, v, k_win, v_win, k_tail, v_tail = (x.view(B, C, HKV, -1) for x in parts[1:])
     pages_per_seq = 4
     if paged:
-        table = torch.randperm(B * pages_per_seq + 2, device=DEVICE)[:B * pages_per_seq].view(B, pages_per_seq)
-        k_pool, v_pool = torch.randn(B * pages_per_seq + 2, P, HKV, DK, **kw), torch.randn(B * pages_per_seq + 2, P, HKV, DV, **kw)
+        # Pages in shuffled order, and two more pages than the table uses.
+        pool = (B * pages_per_seq + 2, P)
+        table = torch.randperm(pool[0], device=DEVICE)[:B * pages_per_seq].view(B, pages_per_seq)
     else:
+        pool = (B, P * pages_per_seq)
         table = torch.arange(B, device=DEVICE)[:, None]
-        k_pool, v_pool = torch.randn(B, P * pages_per_seq, HKV, DK, **kw), torch.randn(B, P * pages_per_seq, HKV, DV, **kw)
+    k_pool, v_pool = torch.randn(*pool, HKV, DK, **kw), torch.randn(*pool, HKV, DV, **kw)
     table = table.to(torch.int32)
     win_k, win_v = torch.randn(B, R, HKV, DK, **kw), torch.randn(B, R, HKV, DV, **kw)
     tail_k, tail_v = torch.randn(B, L, HKV, DK, **kw), torch.randn(B, L, HKV, DV, **kw)
@@ -63,15 +65,21 @@ def test_rope_append_equals_rotation_and_appends(dtype, C, paged, rings):
     assert torch.equal(seqlens, past + C)
 
 
-def test_rope_append_refuses_more_tokens_than_a_ring_holds():
+def test_rope_append_refuses_bad_inputs():
     x = torch.randn(1, 5, 2, 8, device=DEVICE)
     cos, sin = rotary_cos_sin(torch.arange(5, device=DEVICE)[None], 8, 10000.0)
     ring = torch.zeros(1, 4, 2, 8, device=DEVICE)
     lengths = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    pools = torch.zeros(1, 16, 2, 8, device=DEVICE), torch.zeros(1, 16, 2, 8, device=DEVICE)
+    rest = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), lengths, lengths.clone()
     with pytest.raises(ValueError, match="at most as many new tokens as the rings hold"):
-        rope_append(x, cos, sin, x, x, torch.zeros(1, 16, 2, 8, device=DEVICE), torch.zeros(1, 16, 2, 8, device=DEVICE),
-                    torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), lengths, lengths.clone(), k_win=x, v_win=x,
-                    win_k=ring, win_v=ring)
+        rope_append(x, cos, sin, x, x, *pools, *rest, k_win=x, v_win=x, win_k=ring, win_v=ring)
+    with pytest.raises(ValueError, match=r"cos must be float32 \[B, C, 1, DK\]"):
+        rope_append(x, cos.double(), sin, x, x, *pools, *rest)
+    with pytest.raises(ValueError, match=r"sin must be float32 \[B, C, 1, DK\]"):
+        rope_append(x, cos, sin[:, :4], x, x, *pools, *rest)
+    with pytest.raises(ValueError, match=r"k must have shape \[B, C, H, D\]"):
+        rope_append(x, cos, sin, x[:, :, :1], x, *pools, *rest)
 
 
 SMALL = nsa.SparsityConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, num_init=1, num_local=2, window=24)
