@@ -121,6 +121,9 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     """
     B, C, HQ, DK = q.shape
     HKV, DV = k_pool.shape[2], v_pool.shape[3]  # the cache's heads: new tokens that differ are named
+    if k_pool.shape[3] != DK or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError(f"k_pool, v_pool must be contiguous [pages, P, HKV, DK/DV] with q's DK={DK}, got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
     rings = [x.shape[1] for x in (win_k, tail_k) if x is not None]
     if rings and C > min(rings):
         raise ValueError(f"rope_append takes at most as many new tokens as the rings hold ({min(rings)}), got C={C}")
