@@ -24,7 +24,9 @@ pre-sized cache can be captured in a CUDA graph and replayed. A dense attention 
 fills k, v. With cuda_graph=True the model replays its decode steps from a CUDA graph (NSAModel, DecodeGraph): the
 cache then never grows, and dense layers read it at a fixed shape (every slot, masked by the device lengths).
 Within NSACache.step() (a model's forward over its layers) the index arithmetic on the lengths that every layer's
-update repeats is done once and shared by the layers.
+update repeats is done once and shared by the layers. On the Triton backend a plain decode step (no block of phi
+completes) rotates its queries and keys and makes all its appends in one kernel (rotate_and_update,
+nsa.ops.rope_append).
 """
 
 from __future__ import annotations
