@@ -128,3 +128,51 @@ def test_decode_steps_through_rope_append_equal_the_unfused_steps(attn_impl, sha
     per_step = [fused_steps[i] for i in range(0, len(fused_steps), config.num_hidden_layers)]
     expected = [False] + [attn_impl == "dense" or (t - 7) % 4 != 0 for t in range(33, 37)]
     assert per_step == expected
+
+
+def test_rotate_and_update_leaves_every_other_step_to_update(monkeypatch):
+    """The fused path takes only plain decode steps on the Triton backend; every other step gets None (the caller
+    then rotates and calls update())."""
+    from nsa.cache import RING_SLACK
+    from nsa.modules import NativeSparseAttention
+
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    m = NativeSparseAttention(48, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL).to(DEVICE)
+    cache = NSACache()
+
+    def step(t, C, lengths=None):
+        pos = torch.arange(t, t + C, device=DEVICE).expand(2, C)
+        x = m.project(torch.randn(2, C, 48, device=DEVICE), pos, rotate=False)
+        cos, sin = m.rotary(pos, torch.float32)
+        args = (0, x["q"], cos, sin, x["k_slc"], x["v_slc"])
+        kwargs = dict(k_win=x["k_win"], v_win=x["v_win"], k_cmp_raw=x["k_cmp"], v_cmp_raw=x["v_cmp"], sparsity=SMALL)
+        # Appends of per-sequence counts (lengths) go to update() alone: rotate_and_update appends C to each.
+        fused = None if lengths is not None else cache.rotate_and_update(*args, **kwargs)
+        if fused is None:
+            m.rotate(x, cos, sin)
+            cache.update(0, x["k_slc"], x["v_slc"], k_win=x["k_win"], v_win=x["v_win"], k_cmp_raw=x["k_cmp"],
+                         v_cmp_raw=x["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL,
+                         lengths=lengths)
+        return fused is not None
+
+    with torch.no_grad():
+        assert not step(0, 30)  # a prefill: the layer holds no tokens yet
+        assert step(30, 1)  # plain: blocks of 8 at stride 4 end at 31, 35, ...
+        assert not step(31, 1)  # phi's step
+        assert step(32, 3)  # a few tokens (speculative decoding) that complete no block
+        assert not step(35, RING_SLACK + 1)  # more than the window ring's slack
+    assert not step(35 + RING_SLACK + 1, 1)  # gradients to compute: the reference path
+    with torch.no_grad():
+        assert step(36 + RING_SLACK + 1, 1)
+        step(37 + RING_SLACK + 1, 1, lengths=torch.tensor([1, 0], dtype=torch.int32, device=DEVICE))
+        assert not step(38 + RING_SLACK + 1, 1)  # a cache that took a ragged append stays on update()
+
+    # A dense layer (no compressed branch) likewise, after a ragged append.
+    dense = NSACache()
+    q, k, v = (torch.randn(2, 1, h, d, device=DEVICE) for h, d in ((4, 16), (2, 16), (2, 32)))
+    cos_sin = rotary_cos_sin(torch.full((2, 1), 5, device=DEVICE), 16, 10000.0)
+    with torch.no_grad():
+        dense.update(0, torch.randn(2, 5, 2, 16, device=DEVICE), torch.randn(2, 5, 2, 32, device=DEVICE))
+        assert dense.rotate_and_update(0, q, cos_sin[0], cos_sin[1], k, v) is not None
+        dense.update(0, k, v, lengths=torch.tensor([1, 0], dtype=torch.int32, device=DEVICE))
+        assert dense.rotate_and_update(0, q, cos_sin[0], cos_sin[1], k, v) is None
