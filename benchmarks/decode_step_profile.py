@@ -37,6 +37,20 @@ def replay_ms(graph, n: int = 20) -> float:
     return sorted(times)[n // 2]
 
 
+def device_kernels(prof) -> list:
+    """The CUDA kernels a profiler recorded."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def by_name(kernels: list, top: int) -> tuple[float, list]:
+    """The kernels' summed device time (us) and the `top` names that took most, with their time and count."""
+    time, count = collections.Counter(), collections.Counter()
+    for e in kernels:
+        time[e.name[:70]] += e.device_time
+        count[e.name[:70]] += 1
+    return sum(time.values()), [dict(name=name, us=t, count=count[name]) for name, t in time.most_common(top)]
+
+
 def replay_kernels(graph) -> dict:
     """One replay under the profiler: how many kernels the step launches, their summed device time, and the span
     from the first kernel's start to the last one's end (the difference is the time between kernels)."""
@@ -44,17 +58,13 @@ def replay_kernels(graph) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = device_kernels(prof)
     if not kernels:
         return dict(kernels=0)
     start = min(e.time_range.start for e in kernels)
     end = max(e.time_range.end for e in kernels)
-    time, count = collections.Counter(), collections.Counter()
-    for e in kernels:
-        time[e.name[:70]] += e.device_time
-        count[e.name[:70]] += 1
-    return dict(kernels=len(kernels), kernel_us=sum(time.values()), span_us=end - start,
-                top=[dict(name=name, us=t, count=count[name]) for name, t in time.most_common(16)])
+    busy, top = by_name(kernels, 16)
+    return dict(kernels=len(kernels), kernel_us=busy, span_us=end - start, top=top)
 
 
 def layer_kernels(model, cache, token, position) -> dict:
@@ -63,13 +73,9 @@ def layer_kernels(model, cache, token, position) -> dict:
         with cache.step():
             model.model.layers[0](model.model.embed_tokens(token), position_ids=position, cache=cache)
         torch.cuda.synchronize()
-    time, count = collections.Counter(), collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            time[event.name[:70]] += event.device_time
-            count[event.name[:70]] += 1
-    return dict(kernels=sum(count.values()), us=sum(time.values()),
-                top=[dict(name=name, us=t, count=count[name]) for name, t in time.most_common(12)])
+    kernels = device_kernels(prof)
+    busy, top = by_name(kernels, 12)
+    return dict(kernels=len(kernels), us=busy, top=top)
 
 
 def profile_model(attn_impl: str, context: int, batch: int) -> dict:

@@ -399,8 +399,7 @@ class NSACache:
             self.uniform = False
         key = (self.lengths[layer_idx], B, C)
         # seqlens is updated in place at the end (its storage, like every cache tensor's, stays put between steps).
-        past, end, table, rows = self.per_step(("update", *key, layer.k.shape[1]),
-                                                lambda: self._new_rows(layer, C, lengths))
+        past, end, table, rows = self._step_rows(layer, key, lengths)
         layer.k.view(-1, *k.shape[2:]).index_copy_(0, rows, k.flatten(0, 1).to(layer.k.dtype))
         layer.v.view(-1, *v.shape[2:]).index_copy_(0, rows, v.flatten(0, 1).to(layer.v.dtype))
         state = StepState(layer, table, past, end, self.lengths[layer_idx], None, None)
@@ -439,13 +438,16 @@ class NSACache:
         from .ops.rope_append import rope_append
 
         self.check_room(length + C)
-        past, end, table, _ = self.per_step(("update", length, B, C, layer.k.shape[1]),
-                                            lambda: self._new_rows(layer, C, None))
+        past, end, table, _ = self._step_rows(layer, (length, B, C), None)
         q = rope_append(q, cos, sin, k, v, layer.k, layer.v, table, past, layer.seqlens,
                         k_win=k_win, v_win=v_win, win_k=layer.k_win, win_v=layer.v_win, k_tail=k_cmp_raw,
                         v_tail=v_cmp_raw, tail_k=layer.k_tail, tail_v=layer.v_tail)
         self.lengths[layer_idx] = length + C
         return q, StepState(layer, table, past, end, length, layer.k_win, layer.v_win)
+
+    def _step_rows(self, layer: LayerCache, key: tuple, lengths: torch.Tensor | None):
+        """_new_rows of the step `key` (host length, B, C), made once per step() and shared by its layers."""
+        return self.per_step(("update", *key, layer.k.shape[1]), lambda: self._new_rows(layer, key[2], lengths))
 
     def _new_rows(self, layer: LayerCache, C: int, lengths: torch.Tensor | None):
         """past, end [B] int32 (the lengths before and after the step), the block table [B, max_pages] and the

@@ -52,6 +52,17 @@ def _store_rows(dst, row_stride, val, H: tl.constexpr, D: tl.constexpr, H_PAD: t
 
 
 @triton.jit
+def _copy_pair(k, v, k_dst, v_dst, row, cos, sin, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               HKV_PAD: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, ROTATE_K: tl.constexpr):
+    """One token's HKV key and value rows at k, v into the destinations' rows row .. row + HKV - 1 (the keys rotated
+    when ROTATE_K)."""
+    kr = _load_rows(k, DK, cos, sin, HKV, DK, HKV_PAD, BLOCK_DK, ROTATE_K)
+    _store_rows(k_dst + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
+    vr = _load_rows(v, DV, cos, sin, HKV, DV, HKV_PAD, BLOCK_DV, False)
+    _store_rows(v_dst + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
+
+
+@triton.jit
 def rope_append_kernel(
     q, q_out, cos, sin, k, v, k_win, v_win, k_tail, v_tail,
     k_pool, v_pool, block_table, win_k, win_v, tail_k, tail_v, past, seqlens,
@@ -74,23 +85,14 @@ def rope_append_kernel(
     _store_rows(q_out + r64 * (HQ * DK), DK, qr, HQ, DK, HQ_PAD, BLOCK_DK)
 
     page = tl.load(block_table + b * MAX_PAGES + s // PAGE).to(tl.int64)
-    row = (page * PAGE + s % PAGE) * HKV
-    kr = _load_rows(k + r64 * SK, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
-    _store_rows(k_pool + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-    vr = _load_rows(v + r64 * SV, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
-    _store_rows(v_pool + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
+    _copy_pair(k + r64 * SK, v + r64 * SV, k_pool, v_pool, (page * PAGE + s % PAGE) * HKV, cs, sn, HKV, DK, DV,
+               HKV_PAD, BLOCK_DK, BLOCK_DV, True)
     if HAS_WIN:
-        row = (b.to(tl.int64) * RING + s % RING) * HKV
-        kr = _load_rows(k_win + r64 * SKW, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, True)
-        _store_rows(win_k + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-        vr = _load_rows(v_win + r64 * SVW, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
-        _store_rows(win_v + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
+        _copy_pair(k_win + r64 * SKW, v_win + r64 * SVW, win_k, win_v, (b.to(tl.int64) * RING + s % RING) * HKV, cs,
+                   sn, HKV, DK, DV, HKV_PAD, BLOCK_DK, BLOCK_DV, True)
     if HAS_TAIL:
-        row = (b.to(tl.int64) * TAIL + s % TAIL) * HKV
-        kr = _load_rows(k_tail + r64 * SKT, DK, cs, sn, HKV, DK, HKV_PAD, BLOCK_DK, False)
-        _store_rows(tail_k + row * DK, DK, kr, HKV, DK, HKV_PAD, BLOCK_DK)
-        vr = _load_rows(v_tail + r64 * SVT, DV, cs, sn, HKV, DV, HKV_PAD, BLOCK_DV, False)
-        _store_rows(tail_v + row * DV, DV, vr, HKV, DV, HKV_PAD, BLOCK_DV)
+        _copy_pair(k_tail + r64 * SKT, v_tail + r64 * SVT, tail_k, tail_v, (b.to(tl.int64) * TAIL + s % TAIL) * HKV,
+                   cs, sn, HKV, DK, DV, HKV_PAD, BLOCK_DK, BLOCK_DV, False)
     if c == 0:
         tl.store(seqlens + b, p0 + C)
 
