@@ -5,7 +5,9 @@ the instructions between consecutive labels of the PTX (a loop's body, with any 
     python3 benchmarks/kernel_ir.py OUT module:kernel WARPS STAGES NAME=VALUE ... NAME=:TYPE ...
 
 NAME=VALUE sets a constexpr (an int, or a string such as tf32); NAME=:TYPE gives a runtime argument's type (fp32,
-i32, *fp32, *i32, ...); other arguments are taken as *bf16 pointers. Pointers are marked 16-byte aligned, as
+i32, *fp32, *i32, ...), NAME=:i32/16 an integer that Triton would see divisible by 16 at run time (a stride of 192,
+say: without that, loads through it are neither vectorized nor pipelined); other arguments are taken as *bf16
+pointers. Pointers are marked 16-byte aligned, as
 Triton specializes them at run time (without that the loads are not vectorized and not pipelined). OUT receives
 the TTIR, TTGIR, LLVM IR and PTX. Example, the selection of the paper's configuration:
 
@@ -39,16 +41,19 @@ def compile_for_hopper(target: str, warps: int, stages: int, settings: list[str]
     fn = getattr(importlib.import_module(module), name)
     while not isinstance(fn, JITFunction):  # an autotuner or heuristics wrapper
         fn = fn.fn
-    constexprs, signature = {}, {}
+    constexprs, signature, divisible = {}, {}, set()
     for setting in settings:
         key, value = setting.split("=", 1)
         if value.startswith(":"):
-            signature[key] = value[1:]
+            signature[key] = value[1:].removesuffix("/16")
+            if value.endswith("/16"):
+                divisible.add(key)
         else:
             constexprs[key] = int(value) if value.lstrip("-").isdigit() else value
     for arg in fn.arg_names:
         signature.setdefault(arg, "constexpr" if arg in constexprs else "*bf16")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if signature[arg].startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if signature[arg].startswith("*") or arg in divisible}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                        attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
