@@ -5,7 +5,9 @@ python3 benchmarks/decode_breakdown.py --set MAX_CHUNK_BLOCKS=512 ...  (a varian
 python3 benchmarks/decode_breakdown.py --plot FILE.json  (FILE.png: per case, stacked kernel times of each section of
     FILE, e.g. the "before" and "after" of results/2026-12-01/decode_kernels.json, beside SDPA's step)
 The step and SDPA are replayed from CUDA graphs (do_bench median); each kernel's device time comes from the
-profiler over eager calls. The same inputs every call, so L2 may hold part of them at short contexts: `nsa bench`
+profiler over eager calls, and the timeline (each kernel's start and end inside a replayed step, microseconds from
+the step's first kernel, median over replays) from the profiler over replays, where launch gaps and the overlap of
+the side stream show. The same inputs every call, so L2 may hold part of them at short contexts: `nsa bench`
 (which rotates its inputs) gives the figures to quote.
 """
 
@@ -31,6 +33,26 @@ def graphed(fn, *args):
     return lambda: replay(*args)
 
 
+def timeline(replay, replays: int = 20) -> dict:
+    """Each kernel's median start and end (us from the step's first kernel) over `replays` replays of the step."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_step = len(events) // replays
+    spans = collections.defaultdict(list)
+    for r in range(replays):
+        step = events[r * per_step:(r + 1) * per_step]
+        t0 = step[0].time_range.start
+        for e in step:
+            spans[e.name.removesuffix("_kernel")].append((e.time_range.start - t0, e.time_range.end - t0))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {name: [median([s for s, _ in ts]), median([e for _, e in ts])] for name, ts in spans.items()}
+
+
 def case(config, B: int, T: int, calls: int = 20) -> dict:
     HQ, HKV, DK, DV = config.dense_shape
     cfg = config.sparsity
@@ -41,7 +63,9 @@ def case(config, B: int, T: int, calls: int = 20) -> dict:
     k, v, k_cmp, v_cmp = rnd(B, T, HKV, DK), rnd(B, T, HKV, DV), rnd(B, tc, HKV, DK), rnd(B, tc, HKV, DV)
     past = torch.full((B,), T - 1, dtype=torch.int32, device="cuda")
     step = lambda q: nsa_decode(q, gates, k, v, k_cmp, v_cmp, past, cfg, DK ** -0.5)  # noqa: E731
-    ms = triton.testing.do_bench(graphed(step, q), warmup=50, rep=300, return_mode="median")
+    replay = graphed(step, q)
+    ms = triton.testing.do_bench(replay, warmup=50, rep=300, return_mode="median")
+    spans = timeline(replay)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step(q)
@@ -53,7 +77,7 @@ def case(config, B: int, T: int, calls: int = 20) -> dict:
     qs, ks, vs = rnd(B, HQ, 1, DK), rnd(B, HKV, T, DK), rnd(B, HKV, T, DV)
     dense = graphed(lambda qs: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), qs)
     ms_dense = triton.testing.do_bench(dense, warmup=50, rep=300, return_mode="median")
-    return dict(B=B, T=T, nsa_ms=ms, sdpa_ms=ms_dense, kernels_ms=dict(kernels))
+    return dict(B=B, T=T, nsa_ms=ms, sdpa_ms=ms_dense, kernels_ms=dict(kernels), timeline_us=spans)
 
 
 def plot(path: str) -> str:
@@ -121,6 +145,8 @@ def main():
     for r in rows:
         kern = " ".join(f"{name.removesuffix('_kernel')}={t:.4f}" for name, t in r["kernels_ms"].items())
         print(f"{r['B']:>3} {r['T']:>7} {r['nsa_ms']:8.4f} {r['sdpa_ms']:8.4f} {r['sdpa_ms'] / r['nsa_ms']:6.2f}  {kern}")
+        spans = sorted(r["timeline_us"].items(), key=lambda kv: kv[1])
+        print(" " * 38 + "replayed (us): " + " ".join(f"{name[:24]} {a:.1f}-{b:.1f}" for name, (a, b) in spans))
     if args.out:
         env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    config=config.describe(), set=args.set)

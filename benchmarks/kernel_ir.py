@@ -4,11 +4,11 @@ the instructions between consecutive labels of the PTX (a loop's body, with any 
 
     python3 benchmarks/kernel_ir.py OUT module:kernel WARPS STAGES NAME=VALUE ... NAME=:TYPE ...
 
-NAME=VALUE sets a constexpr (an int, or a string such as tf32); NAME=:TYPE gives a runtime argument's type (fp32,
-i32, *fp32, *i32, ...), NAME=:i32/16 an integer that Triton would see divisible by 16 at run time (a stride of 192,
-say: without that, loads through it are neither vectorized nor pipelined); other arguments are taken as *bf16
-pointers. Pointers are marked 16-byte aligned, as
-Triton specializes them at run time (without that the loads are not vectorized and not pipelined). OUT receives
+NAME=VALUE sets a constexpr (an int, None for an argument passed as None, or a string such as tf32); NAME=:TYPE
+gives a runtime argument's type (fp32, i32, *fp32, *i32, ...), NAME=:i32/16 an integer that Triton would see
+divisible by 16 at run time (a stride of 192, say: without that, loads through it are neither vectorized nor
+pipelined); other arguments are taken as *bf16 pointers. Pointers are marked 16-byte aligned, as Triton specializes
+them at run time (without that the loads are not vectorized and not pipelined). OUT receives
 the TTIR, TTGIR, LLVM IR and PTX. Example, the selection of the paper's configuration:
 
     python3 benchmarks/kernel_ir.py out/sel nsa.ops.topk:select_blocks_kernel 4 2 lse=:*fp32 idx=:*i32 \\
@@ -49,7 +49,7 @@ def compile_for_hopper(target: str, warps: int, stages: int, settings: list[str]
             if value.endswith("/16"):
                 divisible.add(key)
         else:
-            constexprs[key] = int(value) if value.lstrip("-").isdigit() else value
+            constexprs[key] = int(value) if value.lstrip("-").isdigit() else None if value == "None" else value
     for arg in fn.arg_names:
         signature.setdefault(arg, "constexpr" if arg in constexprs else "*bf16")
     attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)

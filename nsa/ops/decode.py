@@ -26,9 +26,9 @@ dense_decode is the same split over the keys for full causal attention (dense_sp
 model's decode step, which a CUDA graph can capture too.
 
 The selected branch's raw K/V live in pages [num_pages, P, HKV, D] addressed through block_table [B, max_pages]
-(a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap, block_table = [[0], [1], ...]). The compressed K/V
-are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The window K/V are either the
-raw ones or a ring [B, W, HKV, D] holding token s at slot s % W (W >= w + C - 1).
+(a contiguous cache [B, S_cap, HKV, D] is the case P = S_cap with page b for sequence b, addressed without a
+table). The compressed K/V are [B, Tc_cap, HKV, D] of any strides whose last is 1 (read in place, not copied). The
+window K/V are either the raw ones or a ring [B, W, HKV, D] holding token s at slot s % W (W >= w + C - 1).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import LOG2E, dot_precision, online_softmax, padded_dim, softmax_step
+from .common import (LOG2E, dot_precision, dot_split, load_split, online_softmax, padded_dim, softmax_step_split,
+                     split_dim)
 from .topk import fold_blocks, selection_bits
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
@@ -57,6 +58,12 @@ WIN_KEYS = 128
 SHORT_CHUNK = 2
 # Selection blocks per compressed chunk, at most.
 MAX_CHUNK_BLOCKS = 512
+# Pipeline stages of the compressed stream's longer chunks, and the compressed programs the split plan puts on an SM.
+# With DK 192 in parts of 128 + 64 the program takes 168 registers and 90 KB of shared memory at 3 stages (2 per SM),
+# 48 KB at 2; on the H200 at B16 64k / 128k, 3 stages and 2 per SM 0.0941 / 0.1365 ms, 2 stages and 3 per SM
+# 0.0984 / 0.1452, 2 stages and 2 per SM 0.1089 / 0.1787.
+CMP_STAGES = 3
+CMP_PROGRAMS_PER_SM = 2
 # Selection blocks of a select program's share, at most: each share's top n go on as candidates, which slc_split
 # ranks where there are several shares. On the H200 at B16 128k (2048 blocks), 1024 against one share: select
 # 0.0114 ms against 0.0157, the step 0.1391 against 0.1424; with 512 (64 candidates to rank) slc_split took 0.022.
@@ -87,23 +94,37 @@ DENSE_MAX_SPLITS = 64
 
 @triton.jit
 def token_rows(block_table, b, s, MAX_PAGES, PAGE: tl.constexpr):
-    """int64 rows of the page pool holding tokens s [N] of sequence b.
+    """int64 rows of the page pool holding tokens s [N] of sequence b; block_table None: contiguous [B, PAGE, ...]
+    pools (sequence b's page is b, with no table to load).
 
     s wraps around the table's capacity: a window ring (one page of W slots) holds token s at slot s % W, and the
     lanes a caller masks off still get an address inside the pool."""
     s = tl.maximum(s, 0) % (MAX_PAGES * PAGE)
-    page = tl.load(block_table + b * MAX_PAGES + s // PAGE)
-    return page.to(tl.int64) * PAGE + s % PAGE
+    if block_table is None:
+        page = b.to(tl.int64)
+    else:
+        page = tl.load(block_table + b * MAX_PAGES + s // PAGE).to(tl.int64)
+    return page * PAGE + s % PAGE
 
 
 @triton.jit
 def kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE: tl.constexpr, DK: tl.constexpr,
-            DV: tl.constexpr, dk, dv):
-    """Keys [N, BLOCK_DK] and values [N, BLOCK_DV] of tokens s [N] of sequence b, KV head kvh (zeros where not ok)."""
-    rows = (token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV + kvh)[:, None]
-    kt = tl.load(k + rows * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :], other=0.0)
-    vt = tl.load(v + rows * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :], other=0.0)
-    return kt, vt
+            DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, dv):
+    """The keys of tokens s [N] of sequence b, KV head kvh, in the column parts [N, BLOCK_DK] and [N, BLOCK_DK2]
+    (split_dim), and their values [N, BLOCK_DV] (zeros where not ok)."""
+    rows = token_rows(block_table, b, s, MAX_PAGES, PAGE)
+    ka, kb = load_split(k, rows, kvh, HKV, ok, DK, BLOCK_DK, BLOCK_DK2)
+    vt = tl.load(v + (rows * HKV + kvh)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+                 other=0.0)
+    return ka, kb, vt
+
+
+@triton.jit
+def key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, visible, qk_scale, BLOCK_DK2: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of keys of an online softmax, with the queries and keys in column parts (kv_tile, query_rows)."""
+    acc, _, m_i, l_i = softmax_step_split(acc, acc, m_i, l_i, qa, qb, ka, kb, vt, vt, visible, qk_scale, BLOCK_DK2, 0,
+                                          PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -115,16 +136,16 @@ def empty_partial(ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
 
 @triton.jit
 def query_rows(q, b, kvh, HKV, C, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr,
-               BLOCK_DK: tl.constexpr):
+               BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr):
     """The rows of a program's query tile (program_id(1)): the query qi and head g of each of the QT * G_PAD rows,
-    which rows are real, and their queries [rows, BLOCK_DK] (zeros elsewhere)."""
+    which rows are real, and their queries in the column parts [rows, BLOCK_DK] and [rows, BLOCK_DK2] (zeros
+    elsewhere)."""
     r = tl.arange(0, QT * G_PAD)
     qi = tl.program_id(1) * QT + r // G_PAD
     g = r % G_PAD
     row_ok = (qi < C) & (g < G)
-    dk = tl.arange(0, BLOCK_DK)
-    offs = ((b * C + qi).to(tl.int64) * (HKV * G) + kvh * G + g)[:, None] * DK + dk[None, :]
-    return qi, g, row_ok, tl.load(q + offs, mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    qa, qb = load_split(q, b * C + qi, kvh * G + g, HKV * G, row_ok, DK, BLOCK_DK, BLOCK_DK2)
+    return qi, g, row_ok, qa, qb
 
 
 @triton.jit
@@ -140,19 +161,19 @@ def store_partial(m_out, l_out, acc_out, row, m_i, l_i, acc, ok, DV: tl.constexp
 def cmp_split_kernel(
     q, k_cmp, v_cmp, cache_seqlens, m_out, l_out, acc_out, rec_out, spill_out, mt_out, qk_scale, HKV, C, CMP_CAP,
     SKB, SKT, SKH, SVB, SVT, SVH, NSPLIT, NB_CAP, NT_CAP, G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TB: tl.constexpr,
-    R_PAD: tl.constexpr, TILES: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TB: tl.constexpr, R_PAD: tl.constexpr, TILES: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     SLC_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     chunk = tl.program_id(2)
-    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    qi, g, row_ok, qa, qb = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK, BLOCK_DK2)
     t = tl.load(cache_seqlens + b) + qi
     end = tl.load(cache_seqlens + b) + C
-    dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
+    dka = tl.arange(0, BLOCK_DK)
     st = qi < C
     m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
@@ -170,9 +191,15 @@ def cmp_split_kernel(
         # Any strides, the last one 1.
         k_row = b.to(tl.int64) * SKB + i.to(tl.int64) * SKT + kvh * SKH
         v_row = b.to(tl.int64) * SVB + i.to(tl.int64) * SVT + kvh * SVH
-        kt = tl.load(k_cmp + k_row[:, None] + dk[None, :], mask=in_seq[:, None] & (dk < DK)[None, :], other=0.0)
+        # The keys in the column parts of split_dim (192 = 128 + 64: no padded columns to load or multiply).
+        ka = tl.load(k_cmp + k_row[:, None] + dka[None, :], mask=in_seq[:, None] & (dka < DK)[None, :], other=0.0)
+        kb = ka
+        if BLOCK_DK2 > 0:
+            dkb = BLOCK_DK + tl.arange(0, BLOCK_DK2)
+            kb = tl.load(k_cmp + k_row[:, None] + dkb[None, :], mask=in_seq[:, None] & (dkb < DK)[None, :],
+                         other=0.0)
         vt = tl.load(v_cmp + v_row[:, None] + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q_tile, tl.trans(kt), input_precision=PRECISION) * qk_scale
+        s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
         # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
         visible = row_ok[:, None] & in_seq[None, :] & (i[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1)
         s = tl.where(visible, s, float("-inf"))
@@ -191,17 +218,17 @@ def cmp_split_kernel(
 def win_split_kernel(
     q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, WIN_MAX_PAGES, NSW, NSLC,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOW: tl.constexpr, WT: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOW: tl.constexpr, WT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     w = tl.program_id(2)
-    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    qi, g, row_ok, qa, qb = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK, BLOCK_DK2)
     past = tl.load(cache_seqlens + b)
     t = past + qi
-    dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     # SPEC 6: this program's share of the union of its queries' bands t - w < s <= t.
@@ -210,9 +237,10 @@ def win_split_kernel(
     for s0 in tl.static_range(0, WT, BLOCK_S):
         s = s_first + s0 + ks
         ok = (s >= 0) & (s < past + C)
-        kt, vt = kv_tile(k_win, v_win, win_table, b, kvh, s, ok, HKV, WIN_MAX_PAGES, WIN_PAGE, DK, DV, dk, dv)
+        ka, kb, vt = kv_tile(k_win, v_win, win_table, b, kvh, s, ok, HKV, WIN_MAX_PAGES, WIN_PAGE, DK, DV, BLOCK_DK,
+                             BLOCK_DK2, dv)
         visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - WINDOW)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
+        acc, m_i, l_i = key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, visible, qk_scale, BLOCK_DK2, PRECISION)
     store_partial(sw_m, sw_l, sw_acc, ((bh.to(tl.int64) * C + qi) * NSW + NSLC + w) * G_PAD + g, m_i, l_i, acc,
                   qi < C, DV)
 
@@ -319,7 +347,7 @@ def select_kernel(
 def slc_split_kernel(
     q, k, v, block_table, cache_seqlens, cand, idx, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSW,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_CAND: tl.constexpr, CAND_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
     BPS: tl.constexpr, WRITE_IDX: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -332,10 +360,8 @@ def slc_split_kernel(
     HQ = HKV * G
     g = tl.arange(0, ROWS)
     head_ok = g < G
-    dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q_offs = ((b * C + qi).to(tl.int64) * HQ + kvh * G + g)[:, None] * DK + dk[None, :]
-    q_tile = tl.load(q + q_offs, mask=head_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    qa, qb = load_split(q, b * C + qi, kvh * G + g, HQ, head_ok, DK, BLOCK_DK, BLOCK_DK2)
     ks = tl.arange(0, BLOCK_S)
 
     # This program's ranks sp * BPS .. + BPS - 1 of SPEC 4's top n, which lies among the select shares' candidates
@@ -369,9 +395,10 @@ def slc_split_kernel(
             for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
                 s = j * SLC_BLOCK + s0 + ks
                 ok = (s0 + ks < SLC_BLOCK) & (s <= t)
-                kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
-                acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, head_ok[:, None] & ok[None, :],
-                                             qk_scale, PRECISION)
+                ka, kb, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, BLOCK_DK,
+                                     BLOCK_DK2, dv)
+                acc, m_i, l_i = key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, head_ok[:, None] & ok[None, :], qk_scale,
+                                         BLOCK_DK2, PRECISION)
 
     store_partial(m_out, l_out, acc_out, ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g, m_i, l_i, acc,
                   g < G_PAD, DV)
@@ -429,17 +456,16 @@ def combine_kernel(
 def dense_split_kernel(
     q, k, v, block_table, cache_seqlens, m_out, l_out, acc_out, qk_scale, HKV, C, MAX_PAGES, NSPLIT, CHUNK,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     kvh = bh % HKV
     chunk = tl.program_id(2)
-    qi, g, row_ok, q_tile = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK)
+    qi, g, row_ok, qa, qb = query_rows(q, b, kvh, HKV, C, G, G_PAD, QT, DK, BLOCK_DK, BLOCK_DK2)
     past = tl.load(cache_seqlens + b)
     t = past + qi
-    dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     # This chunk's keys up to the last query of the tile (causal: key s is visible to position t iff s <= t).
@@ -449,9 +475,9 @@ def dense_split_kernel(
     for s0 in range(start, stop, BLOCK_S):
         s = s0 + ks
         ok = s < stop
-        kt, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, dk, dv)
+        ka, kb, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, BLOCK_DK, BLOCK_DK2, dv)
         visible = row_ok[:, None] & ok[None, :] & (s[None, :] <= t[:, None])
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q_tile, kt, vt, visible, qk_scale, PRECISION)
+        acc, m_i, l_i = key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, visible, qk_scale, BLOCK_DK2, PRECISION)
     store_partial(m_out, l_out, acc_out, (bh.to(tl.int64) * NSPLIT + chunk) * (C * G_PAD) + qi * G_PAD + g, m_i, l_i,
                   acc, qi < C, DV)
 
@@ -480,17 +506,18 @@ def _check(name, x, shape, meaning):
 
 
 def _pages(name, table, pool_names, k, v, batch):
-    """(table, max_pages, page): a given block_table, or the identity table of contiguous [B, S_cap, ...] pools.
-    The kernels address both pools k, v by the same rows: contiguous [pages, page_size, HKV, DK/DV] alike."""
-    if table is None:
-        table = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None]
-    elif table.dtype != torch.int32 or table.dim() != 2 or table.shape[0] != batch:
+    """(table, max_pages, page): a given block_table, or None and one page per sequence for contiguous [B, S_cap, ...]
+    pools. The kernels address both pools k, v by the same rows: contiguous [pages, page_size, HKV, DK/DV] alike."""
+    if table is not None and (table.dtype != torch.int32 or table.dim() != 2 or table.shape[0] != batch):
         raise ValueError(f"{name} must be int32 [B, max_pages] with B={batch}, got {table.dtype} {tuple(table.shape)}")
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError(f"{pool_names} must be contiguous [pages, page_size, HKV, DK/DV] tensors alike, got "
                          f"{tuple(k.shape)} {'' if k.is_contiguous() else '(non-contiguous) '}and {tuple(v.shape)}"
                          f"{'' if v.is_contiguous() else ' (non-contiguous)'}")
-    return table, table.shape[1], k.shape[1]
+    if table is None and k.shape[0] < batch:
+        raise ValueError(f"{pool_names} without a block table must be [B, S_cap, HKV, D] with B={batch} rows or "
+                         f"more, got {tuple(k.shape)}")
+    return table, 1 if table is None else table.shape[1], k.shape[1]
 
 
 def _check_step(q, k, v, cache_seqlens, block_table):
@@ -542,16 +569,18 @@ class SplitPlan(NamedTuple):
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
-    """About two programs per SM for the compressed chunks and the selected blocks."""
-    target = 2 * NUM_SMS
+    """CMP_PROGRAMS_PER_SM compressed chunks per SM in one wave (each a multiple of a tile's blocks), and about two
+    selected-block programs per SM."""
     r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
     tb = max(1, BLOCK_N // r_pad)
-    jc = triton.next_power_of_2(max(1, -(-slc_capacity * batch_heads // target)))
+    per_pair = max(1, CMP_PROGRAMS_PER_SM * NUM_SMS // batch_heads)
+    jc = tb * -(-slc_capacity // (per_pair * tb))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
-    bps = 1 if batch_heads * cfg.num_selected < target else 2
+    bps = 1 if batch_heads * cfg.num_selected < 2 * NUM_SMS else 2
     nsplit = -(-slc_capacity // jc)
     sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
-    return SplitPlan(r_pad, tb, jc, nsplit, bps, 2 if jc // tb <= SHORT_CHUNK else 3, sj, -(-nsplit * jc // sj))
+    stages = 2 if jc // tb <= SHORT_CHUNK else CMP_STAGES
+    return SplitPlan(r_pad, tb, jc, nsplit, bps, stages, sj, -(-nsplit * jc // sj))
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -608,7 +637,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     q, gates = q.contiguous(), gates.contiguous()
     # Compressed K/V of any strides with a unit last one are read in place: a copy would move the whole cache.
     k_cmp, v_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cmp, v_cmp))
-    BLOCK_DK, BLOCK_DV = padded_dim(DK), padded_dim(DV)
+    (BLOCK_DK, BLOCK_DK2), BLOCK_DV = split_dim(DK), padded_dim(DV)
     precision = dot_precision(q.dtype)
     n = cfg.num_selected
 
@@ -638,7 +667,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         cmp_split_kernel[(B * HKV, triton.cdiv(C, QT), plan.nsplit)](
             q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, qk_scale, HKV, C, k_cmp.shape[1],
             *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD, QT=QT, DK=DK,
-            DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad, TILES=plan.jc // plan.tb,
+            DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad,
+            TILES=plan.jc // plan.tb,
             CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, PRECISION=precision,
             num_warps=CMP_WARPS, num_stages=plan.stages,
         )
@@ -646,7 +676,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     def window():
         win_split_kernel[(B * HKV, triton.cdiv(C, QT), nwin)](
             q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, win_max_pages, nsw,
-            nslc, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, WINDOW=cfg.window,
+            nslc, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
+            WINDOW=cfg.window,
             WT=WIN_KEYS, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=WIN_WARPS,
         )
 
@@ -676,7 +707,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     )
     slc_split_kernel[(B * HKV, C, nslc)](
         q, k, v, table, cache_seqlens, cand, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G,
-        G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
         BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
         NUM_CAND=plan.nsel * n, CAND_PAD=triton.next_power_of_2(plan.nsel * n), SLC_BLOCK=cfg.slc_block,
         BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS,
@@ -730,10 +761,10 @@ def dense_decode(q, k, v, cache_seqlens, scale: float | None = None, *, block_ta
     m = torch.empty(B * HKV, nsplit, C * G_PAD, **f32)
     l = torch.empty(B * HKV, nsplit, C * G_PAD, **f32)
     acc = torch.empty(B * HKV, nsplit, C * G_PAD, DV, **f32)
-    BLOCK_DK, BLOCK_DV = padded_dim(DK), padded_dim(DV)
+    (BLOCK_DK, BLOCK_DK2), BLOCK_DV = split_dim(DK), padded_dim(DV)
     dense_split_kernel[(B * HKV, tiles, nsplit)](
         q, k, v, table, cache_seqlens, m, l, acc, scale * LOG2E, HKV, C, max_pages, nsplit, chunk, G=G, G_PAD=G_PAD,
-        QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV, BLOCK_S=BLOCK_S, PAGE=page,
+        QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV, BLOCK_S=BLOCK_S, PAGE=page,
         PRECISION=dot_precision(q.dtype), num_warps=CMP_WARPS, num_stages=3,
     )
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=q.device)
