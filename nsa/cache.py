@@ -3,8 +3,8 @@
 Per layer, for B sequences of possibly different lengths (seqlens [B] int32, on the device):
     - k, v: the selected branch's keys (rotated) and values of every token, in page pools [num_pages, P, HKV, DK/DV]
       addressed through block_table [B, max_pages] (flash_attn_with_kvcache's convention). A contiguous cache is
-      the case of one page per sequence (P = capacity, block_table = [[0], [1], ...]) and grows by doubling; a paged
-      cache has the pages and the table of its owner (a serving engine) and a fixed capacity.
+      the case of one page per sequence (P = capacity, sequence b in page b, addressed without a table) and grows
+      by doubling; a paged cache has the pages and the table of its owner (a serving engine) and a fixed capacity.
     - k_cmp, v_cmp [B, capacity // d + 1, HKV, DK/DV]: the compressed tokens, grown by phi whenever a block
       completes (one every d tokens once l are available); the last row is scratch for blocks that did not.
     - k_tail, v_tail [B, l, HKV, DK/DV]: the last l raw (unrotated) keys and values of the compressed branch, as a
@@ -80,7 +80,7 @@ class StepState:
     """
 
     layer: LayerCache
-    block_table: torch.Tensor
+    block_table: torch.Tensor | None  # a paged cache's; None for a contiguous one (sequence b is page b)
     past: torch.Tensor
     end: torch.Tensor
     past_max: int
@@ -93,14 +93,9 @@ class StepState:
         """Whether a step of queries q (and more inputs) runs the decode kernels (kernels_serve)."""
         return kernels_serve(q, *more, self.layer.k, self.layer.v, backend=backend)
 
-    def kernel_block_table(self) -> torch.Tensor | None:
-        """The block table the decode kernels take: None for a contiguous cache (one page per sequence)."""
-        paged = self.layer.k.shape[0] != self.block_table.shape[0] or self.block_table.shape[1] != 1
-        return self.block_table if paged else None
-
     def contiguous_kv(self, length: int):
         """k, v [B, length, HKV, D] of a contiguous cache (the dense layer's SDPA reads them)."""
-        if self.kernel_block_table() is not None:
+        if self.block_table is not None:
             raise NotImplementedError("dense attention reads a contiguous cache; a paged one is not supported")
         return self.layer.k[:, :length], self.layer.v[:, :length]
 
@@ -450,14 +445,15 @@ class NSACache:
         return self.per_step(("update", *key, layer.k.shape[1]), lambda: self._new_rows(layer, key[2], lengths))
 
     def _new_rows(self, layer: LayerCache, C: int, lengths: torch.Tensor | None):
-        """past, end [B] int32 (the lengths before and after the step), the block table [B, max_pages] and the
-        pool rows [B * C] of the C new tokens."""
-        B, P = layer.seqlens.shape[0], layer.k.shape[1]
-        table = self.block_table if self.paged else torch.arange(B, dtype=torch.int32, device=layer.k.device)[:, None]
+        """past, end [B] int32 (the lengths before and after the step), the block table [B, max_pages] (None for a
+        contiguous cache) and the pool rows [B * C] of the C new tokens."""
+        P = layer.k.shape[1]
         past = layer.seqlens.clone()
         end = past + (C if lengths is None else lengths.to(torch.int32))
         pos = past[:, None].long() + torch.arange(C, device=past.device)
-        return past, end, table, (table.long().gather(1, pos // P) * P + pos % P).flatten()
+        if not self.paged:
+            return past, end, None, (torch.arange(pos.shape[0], device=pos.device)[:, None] * P + pos).flatten()
+        return past, end, self.block_table, (self.block_table.long().gather(1, pos // P) * P + pos % P).flatten()
 
     def _compress(self, layer, state, key, ragged, k_raw, v_raw, position_ids, compress, cfg: SparsityConfig):
         """phi over the blocks that end among the new tokens (if any: compresses()); the tail ring moves on."""
@@ -511,7 +507,7 @@ def _sequence_view(state: StepState, b: int, length: int, window: int):
     layer = state.layer
     P = layer.k.shape[1]
     pos = torch.arange(length, device=layer.k.device)
-    rows = state.block_table[b].long()[pos // P] * P + pos % P
+    rows = pos + b * P if state.block_table is None else state.block_table[b].long()[pos // P] * P + pos % P
     k, v = layer.k.flatten(0, 1)[rows][None], layer.v.flatten(0, 1)[rows][None]
     if state.k_win is None:
         return k, v, k[:, -window:], v[:, -window:]
@@ -540,7 +536,7 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, state: StepState, cfg
         from .ops.decode import nsa_decode
 
         return nsa_decode(q, gates, layer.k, layer.v, layer.k_cmp, layer.v_cmp, state.past, cfg, scale,
-                          k_win=state.k_win, v_win=state.v_win, block_table=state.kernel_block_table(),
+                          k_win=state.k_win, v_win=state.v_win, block_table=state.block_table,
                           return_indices=return_indices)
     B, C, HQ, DK = q.shape
     scale = DK ** -0.5 if scale is None else scale

@@ -407,4 +407,4 @@ class DenseAttention(nn.Module):
         the device, shapes fixed by the capacity, so a CUDA graph can capture the step)."""
         from .ops.decode import dense_decode
 
-        return dense_decode(q, state.layer.k, state.layer.v, state.past, block_table=state.kernel_block_table())
+        return dense_decode(q, state.layer.k, state.layer.v, state.past, block_table=state.block_table)

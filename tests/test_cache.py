@@ -283,22 +283,29 @@ def test_paged_cache_refuses_to_overflow():
 
 
 @pytest.mark.parametrize("share_win_kv,chunks", [(False, [40, 1, 3, 5]), (True, [33, 1, 2])])
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("paged", ["contiguous", "paged", "one_page_each"])
 def test_triton_decode_kernels_on_the_cache(share_win_kv, chunks, paged):
-    """The decode kernels read the cache (contiguous or paged, ring or shared window) as the reference does."""
-    m = NativeSparseAttention(64, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL, share_win_kv=share_win_kv).to(DEVICE)
+    """The decode kernels read the cache (contiguous or paged, ring or shared window) as the reference does; a paged
+    cache of one page per sequence, as many pages as sequences and the pages swapped, is shaped like a contiguous
+    one but must be read through its table."""
+    m = NativeSparseAttention(64, 4, 2, head_dim=16, v_head_dim=32, sparsity=SMALL, share_win_kv=share_win_kv)
+    m = m.to(DEVICE)
     x = torch.randn(2, sum(chunks), 64, device=DEVICE)
-    cache = paged_cache(2, device=DEVICE) if paged else NSACache()
+    cache = {"contiguous": lambda: NSACache(), "paged": lambda: paged_cache(2, device=DEVICE),
+             "one_page_each": lambda: NSACache(block_table=torch.tensor([[1], [0]], dtype=torch.int32, device=DEVICE),
+                                               page_size=64, num_pages=2)}[paged]()
     t = 0
-    for c in chunks:
-        pos = torch.arange(t, t + c, device=DEVICE).expand(2, c)
-        p = m.project(x[:, t:t + c], pos)
-        k_win, v_win = (None, None) if share_win_kv else (p["k_win"], p["v_win"])
-        state = cache.update(0, p["k_slc"], p["v_slc"], k_win=k_win, v_win=v_win, k_cmp_raw=p["k_cmp"],
-                             v_cmp_raw=p["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL)
-        if t:
-            o_ref, idx_ref = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="reference")
-            o, idx = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="triton")
-            assert torch.equal(idx, idx_ref)
-            torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
-        t += c
+    with torch.no_grad():  # with gradients to compute, decode_attention would take the reference path
+        for c in chunks:
+            pos = torch.arange(t, t + c, device=DEVICE).expand(2, c)
+            p = m.project(x[:, t:t + c], pos)
+            k_win, v_win = (None, None) if share_win_kv else (p["k_win"], p["v_win"])
+            state = cache.update(0, p["k_slc"], p["v_slc"], k_win=k_win, v_win=v_win, k_cmp_raw=p["k_cmp"],
+                                 v_cmp_raw=p["v_cmp"], position_ids=pos, compress=m.compress, sparsity=SMALL)
+            if t:
+                o_ref, idx_ref = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True,
+                                                  backend="reference")
+                o, idx = decode_attention(p["q"], p["gates"], state, SMALL, return_indices=True, backend="triton")
+                assert torch.equal(idx, idx_ref)
+                torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+            t += c

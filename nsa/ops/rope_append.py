@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import token_rows
+
 
 @triton.jit
 def _load_rows(x, row_stride, cos, sin, H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr,
@@ -84,9 +86,8 @@ def rope_append_kernel(
     qr = _load_rows(q + r64 * SQ, DK, cs, sn, HQ, DK, HQ_PAD, BLOCK_DK, True)
     _store_rows(q_out + r64 * (HQ * DK), DK, qr, HQ, DK, HQ_PAD, BLOCK_DK)
 
-    page = tl.load(block_table + b * MAX_PAGES + s // PAGE).to(tl.int64)
-    _copy_pair(k + r64 * SK, v + r64 * SV, k_pool, v_pool, (page * PAGE + s % PAGE) * HKV, cs, sn, HKV, DK, DV,
-               HKV_PAD, BLOCK_DK, BLOCK_DV, True)
+    _copy_pair(k + r64 * SK, v + r64 * SV, k_pool, v_pool, token_rows(block_table, b, s, MAX_PAGES, PAGE) * HKV, cs,
+               sn, HKV, DK, DV, HKV_PAD, BLOCK_DK, BLOCK_DV, True)
     if HAS_WIN:
         _copy_pair(k_win + r64 * SKW, v_win + r64 * SVW, win_k, win_v, (b.to(tl.int64) * RING + s % RING) * HKV, cs,
                    sn, HKV, DK, DV, HKV_PAD, BLOCK_DK, BLOCK_DV, True)
@@ -114,7 +115,8 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     Args:
         q: [B, C, HQ, DK]; cos, sin: float32 [B, C, 1, DK].
         k, v: [B, C, HKV, DK/DV] the selected branch's new keys (unrotated) and values; k_pool, v_pool: the
-            contiguous page pools [pages, P, HKV, DK/DV] they go to, through block_table int32 [B, max_pages].
+            contiguous page pools [pages, P, HKV, DK/DV] they go to, through block_table int32 [B, max_pages]
+            (None: contiguous [B, S_cap, HKV, D] pools, sequence b's tokens in row b).
         past: int32 [B], each sequence's cached tokens before the step; seqlens: int32 [B], set to past + C.
         k_win, v_win / win_k, win_v: the window's new keys (unrotated) and values and its ring [B, R, HKV, D].
         k_tail, v_tail / tail_k, tail_v: the compressed branch's raw new keys and values and phi's tail ring
@@ -144,7 +146,7 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     rope_append_kernel[(B * C,)](
         q, q_out, cos, sin, k, v, k_win, v_win, k_tail, v_tail, k_pool, v_pool, block_table,
         win_k if has_win else k_pool, win_v if has_win else v_pool, tail_k if has_tail else k_pool,
-        tail_v if has_tail else v_pool, past, seqlens, C, block_table.shape[1], q.stride(1), k.stride(1),
+        tail_v if has_tail else v_pool, past, seqlens, C, 1 if block_table is None else block_table.shape[1], q.stride(1), k.stride(1),
         v.stride(1), k_win.stride(1), v_win.stride(1), k_tail.stride(1), v_tail.stride(1), HQ=HQ, HKV=HKV, DK=DK,
         DV=DV, HQ_PAD=triton.next_power_of_2(HQ), HKV_PAD=triton.next_power_of_2(HKV),
         BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV), PAGE=k_pool.shape[1],
