@@ -220,6 +220,13 @@ def test_refuses_bad_caches():
                    past.int(), SMALL, k_win=f(full["k_win"][:, :10]), v_win=f(full["v_win"][:, :10]))
     with pytest.raises(ValueError, match="cache_seqlens must be int32"):
         nsa_decode(f(q), f(gates), f(full["k"]), f(full["v"]), f(full["k_cmp"]), f(full["v_cmp"]), past, SMALL)
+    # Two sequences against a contiguous cache of one: the kernels would read past its end.
+    two = lambda x: x.expand(2, *x.shape[1:])  # noqa: E731
+    with pytest.raises(ValueError, match=r"k, v without a block table must be \[B, S_cap, HKV, D\] with B=2"):
+        nsa_decode(two(f(q)), two(f(gates)), f(full["k"]), f(full["v"]), two(f(full["k_cmp"])), two(f(full["v_cmp"])),
+                   two(past.int()).contiguous(), SMALL)
+    with pytest.raises(ValueError, match=r"k, v without a block table must be \[B, S_cap, HKV, D\] with B=2"):
+        dense_decode(two(f(q)), f(full["k"]), f(full["v"]), two(past.int()).contiguous())
 
 
 def causal_rows(q, k, v, lengths, C, scale):
