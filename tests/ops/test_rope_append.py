@@ -33,6 +33,7 @@ def test_rope_append_equals_rotation_and_appends(dtype, C, paged, rings):
         pool = (B * pages_per_seq + 2, P)
         table = torch.randperm(pool[0], device=DEVICE)[:B * pages_per_seq].view(B, pages_per_seq)
     else:
+        # A contiguous cache: no table (sequence b's tokens in row b); the identity table gives the rows expected.
         pool = (B, P * pages_per_seq)
         table = torch.arange(B, device=DEVICE)[:, None]
     k_pool, v_pool = torch.randn(*pool, HKV, DK, **kw), torch.randn(*pool, HKV, DV, **kw)
@@ -46,7 +47,7 @@ def test_rope_append_equals_rotation_and_appends(dtype, C, paged, rings):
     want = [x.clone() for x in (k_pool, v_pool, win_k, win_v, tail_k, tail_v)]
     extra = dict(k_win=k_win, v_win=v_win, win_k=win_k, win_v=win_v, k_tail=k_tail, v_tail=v_tail, tail_k=tail_k,
                  tail_v=tail_v) if rings else {}
-    q_rot = rope_append(q, cos, sin, k, v, k_pool, v_pool, table, past, seqlens, **extra)
+    q_rot = rope_append(q, cos, sin, k, v, k_pool, v_pool, table if paged else None, past, seqlens, **extra)
 
     # float32 arithmetic on both sides, which may round a product differently (a fused multiply-add).
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
