@@ -4,6 +4,8 @@ python3 benchmarks/decode_breakdown.py --config paper --cases 16x8k,16x128k,1x12
 python3 benchmarks/decode_breakdown.py --set MAX_CHUNK_BLOCKS=512 ...  (a variant: module constants of nsa.ops.decode)
 python3 benchmarks/decode_breakdown.py --plot FILE.json  (FILE.png: per case, stacked kernel times of each section of
     FILE, e.g. the "before" and "after" of results/2026-12-01/decode_kernels.json, beside SDPA's step)
+python3 benchmarks/decode_breakdown.py --plot-timeline FILE.json  (FILE_timeline.png: per case, each kernel's span
+    inside the replayed step, one row per kernel)
 The step and SDPA are replayed from CUDA graphs (do_bench median); each kernel's device time comes from the
 profiler over eager calls, and the timeline (each kernel's start and end inside a replayed step, microseconds from
 the step's first kernel, median over replays) from the profiler over replays, where launch gaps and the overlap of
@@ -120,9 +122,41 @@ def plot(path: str) -> str:
     return out
 
 
+def plot_timeline(path: str) -> str:
+    """Each case's replayed step as bars of its kernels' spans (timeline_us), one panel per case, with the replayed
+    step's time and SDPA's marked; written beside the JSON as FILE_timeline.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    kernels = list(dict.fromkeys(k for r in rows for k in r["timeline_us"]))
+    colors = dict(zip(kernels, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.1 + 0.35 * len(kernels) * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        spans = sorted(r["timeline_us"].items(), key=lambda kv: kv[1])
+        for y, (name, (a, b)) in enumerate(spans):
+            ax.barh(y, b - a, left=a, color=colors[name])
+            ax.text(b + 0.5, y, f"{name} {b - a:.1f}", va="center", fontsize=7)
+        ax.axvline(1e3 * r["nsa_ms"], color="black", lw=1, ls="--", label="replayed step (do_bench)")
+        ax.set_yticks([])
+        title = f"B={r['B']}, {r['T'] // 1024}k: step {1e3 * r['nsa_ms']:.1f} us, SDPA {1e3 * r['sdpa_ms']:.1f} us"
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_xlim(0, 1e3 * r["nsa_ms"] * 1.15)
+    axes[-1, 0].set_xlabel("us from the step's first kernel")
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    out = path.removesuffix(".json") + "_timeline.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--plot", metavar="JSON", help="plot a breakdown JSON instead of timing")
+    parser.add_argument("--plot-timeline", metavar="JSON", help="plot the replayed steps of a breakdown JSON")
     parser.add_argument("--config", default="paper")
     parser.add_argument("--cases", default="16x8k,16x32k,16x64k,16x128k,1x32k,1x128k", help="BxT, comma-separated")
     parser.add_argument("--out", default=None)
@@ -135,6 +169,9 @@ def main():
         setattr(decode, name, int(value))
     if args.plot:
         print(plot(args.plot))
+        return
+    if args.plot_timeline:
+        print(plot_timeline(args.plot_timeline))
         return
     config = {c.name: c for c in FULL_CONFIGS}[args.config]
     rows = []
