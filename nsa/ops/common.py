@@ -132,18 +132,24 @@ def tile_offsets(tok, head, H, D: tl.constexpr, BLOCK_D: tl.constexpr, D0: tl.co
 
 
 @triton.jit
-def load_split(ptr, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """The two column parts [len(tok), BLOCK_D] and [len(tok), BLOCK_D2] of rows (tok, head) of a contiguous
-    [N, H, D] tensor, zero on masked rows and past D. With BLOCK_D2 = 0 the second is the first again and
-    is never used (no product reads it)."""
-    offs, cols = tile_offsets(tok, head, H, D, BLOCK_D)
-    a = tl.load(ptr + offs, mask=rows[:, None] & cols, other=0.0)
+def load_split_rows(ptr, row_offs, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The two column parts [N, BLOCK_D] and [N, BLOCK_D2] of the rows of D unit-stride columns that start at the
+    int64 element offsets row_offs [N], zero on masked rows and past D. With BLOCK_D2 = 0 the second is the first
+    again and is never used (no product reads it)."""
+    d = tl.arange(0, BLOCK_D)
+    a = tl.load(ptr + row_offs[:, None] + d[None, :], mask=rows[:, None] & (d < D)[None, :], other=0.0)
     if BLOCK_D2 > 0:
-        offs2, cols2 = tile_offsets(tok, head, H, D, BLOCK_D2, BLOCK_D)
-        b = tl.load(ptr + offs2, mask=rows[:, None] & cols2, other=0.0)
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        b = tl.load(ptr + row_offs[:, None] + d2[None, :], mask=rows[:, None] & (d2 < D)[None, :], other=0.0)
     else:
         b = a
     return a, b
+
+
+@triton.jit
+def load_split(ptr, tok, head, H, rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """load_split_rows of rows (tok, head) of a contiguous [N, H, D] tensor."""
+    return load_split_rows(ptr, (tok.to(tl.int64) * H + head) * D, rows, D, BLOCK_D, BLOCK_D2)
 
 
 @triton.jit

@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from .common import (LOG2E, dot_precision, dot_split, load_split, online_softmax, padded_dim, softmax_step_split,
-                     split_dim)
+from .common import (LOG2E, dot_precision, dot_split, load_split, load_split_rows, online_softmax, padded_dim,
+                     softmax_step_split, split_dim)
 from .topk import fold_blocks, selection_bits
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
@@ -173,7 +173,6 @@ def cmp_split_kernel(
     t = tl.load(cache_seqlens + b) + qi
     end = tl.load(cache_seqlens + b) + C
     dv = tl.arange(0, BLOCK_DV)
-    dka = tl.arange(0, BLOCK_DK)
     st = qi < C
     m_i, l_i, acc = empty_partial(QT * G_PAD, BLOCK_DV)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
@@ -192,12 +191,7 @@ def cmp_split_kernel(
         k_row = b.to(tl.int64) * SKB + i.to(tl.int64) * SKT + kvh * SKH
         v_row = b.to(tl.int64) * SVB + i.to(tl.int64) * SVT + kvh * SVH
         # The keys in the column parts of split_dim (192 = 128 + 64: no padded columns to load or multiply).
-        ka = tl.load(k_cmp + k_row[:, None] + dka[None, :], mask=in_seq[:, None] & (dka < DK)[None, :], other=0.0)
-        kb = ka
-        if BLOCK_DK2 > 0:
-            dkb = BLOCK_DK + tl.arange(0, BLOCK_DK2)
-            kb = tl.load(k_cmp + k_row[:, None] + dkb[None, :], mask=in_seq[:, None] & (dkb < DK)[None, :],
-                         other=0.0)
+        ka, kb = load_split_rows(k_cmp, k_row, in_seq, DK, BLOCK_DK, BLOCK_DK2)
         vt = tl.load(v_cmp + v_row[:, None] + dv[None, :], mask=in_seq[:, None] & (dv < DV)[None, :], other=0.0)
         s = dot_split(qa, qb, ka, kb, BLOCK_DK2, PRECISION) * qk_scale
         # SPEC 2: token i is visible to t once its block [i*d, i*d + l) is complete.
@@ -219,8 +213,7 @@ def win_split_kernel(
     q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, WIN_MAX_PAGES, NSW, NSLC,
     G: tl.constexpr, G_PAD: tl.constexpr, QT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOW: tl.constexpr, WT: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr, WIN_PAGE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
@@ -668,17 +661,16 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
             q, k_cmp, v_cmp, cache_seqlens, cmp_m, cmp_l, cmp_acc, rec, spill, mt, qk_scale, HKV, C, k_cmp.shape[1],
             *k_cmp.stride()[:3], *v_cmp.stride()[:3], plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD, QT=QT, DK=DK,
             DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV, TB=plan.tb, R_PAD=plan.r_pad,
-            TILES=plan.jc // plan.tb,
-            CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block, PRECISION=precision,
-            num_warps=CMP_WARPS, num_stages=plan.stages,
+            TILES=plan.jc // plan.tb, CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
+            PRECISION=precision, num_warps=CMP_WARPS, num_stages=plan.stages,
         )
 
     def window():
         win_split_kernel[(B * HKV, triton.cdiv(C, QT), nwin)](
             q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, win_max_pages, nsw,
             nslc, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
-            WINDOW=cfg.window,
-            WT=WIN_KEYS, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision, num_warps=WIN_WARPS,
+            WINDOW=cfg.window, WT=WIN_KEYS, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision,
+            num_warps=WIN_WARPS,
         )
 
     side = _side_stream(dev) if dev.type == "cuda" else None

@@ -146,8 +146,9 @@ def rope_append(q, cos, sin, k, v, k_pool, v_pool, block_table, past, seqlens, *
     rope_append_kernel[(B * C,)](
         q, q_out, cos, sin, k, v, k_win, v_win, k_tail, v_tail, k_pool, v_pool, block_table,
         win_k if has_win else k_pool, win_v if has_win else v_pool, tail_k if has_tail else k_pool,
-        tail_v if has_tail else v_pool, past, seqlens, C, 1 if block_table is None else block_table.shape[1], q.stride(1), k.stride(1),
-        v.stride(1), k_win.stride(1), v_win.stride(1), k_tail.stride(1), v_tail.stride(1), HQ=HQ, HKV=HKV, DK=DK,
+        tail_v if has_tail else v_pool, past, seqlens, C, 1 if block_table is None else block_table.shape[1],
+        q.stride(1), k.stride(1), v.stride(1), k_win.stride(1), v_win.stride(1), k_tail.stride(1), v_tail.stride(1),
+        HQ=HQ, HKV=HKV, DK=DK,
         DV=DV, HQ_PAD=triton.next_power_of_2(HQ), HKV_PAD=triton.next_power_of_2(HKV),
         BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV), PAGE=k_pool.shape[1],
         RING=win_k.shape[1] if has_win else 1, TAIL=tail_k.shape[1] if has_tail else 1, HAS_WIN=has_win,
