@@ -15,9 +15,9 @@ host synchronisation and can be captured in a CUDA graph:
    and leaves a partial softmax. On a GPU it runs on a side stream, beside the compressed stream and the selection.
 2. select: one program per (sequence, KV group, query) and share of at most SELECT_SHARE_BLOCKS blocks: each
    head's global lse from the chunks' (m, l), then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the
-   previous tile's spill (SPEC 3) for the share's blocks at once, and SPEC 4's top n of the share by a radix
-   search: the n-th largest score's bits found a few bits per counting step, ties at it taken lowest block first.
-   The global top n lies among the shares' top n, which go on as int64 keys that order blocks as SPEC 4 does.
+   previous tile's spill (SPEC 3) for the share's blocks at once, and SPEC 4's top n of the share by Triton's
+   bitonic top-k on int64 keys that order blocks as SPEC 4 does (the score's bits high, the block low: ties to the
+   lowest block). The global top n lies among the shares' top n, which go on as those keys.
 3. slc_split: the selected blocks split over programs (a few each; with several shares each program ranks the
    candidates to find its blocks); partial softmaxes.
 4. combine: per query head, merges the partial softmaxes of each branch and applies the gates (SPEC 7).
@@ -42,7 +42,7 @@ import triton.language as tl
 from ..config import SparsityConfig
 from .common import (LOG2E, dot_precision, dot_split, load_split, load_split_rows, online_softmax, padded_dim,
                      softmax_step_split, split_dim)
-from .topk import fold_blocks, selection_bits
+from .topk import fold_blocks, selection_keys
 
 # Streaming multiprocessors of the H200: the split-K targets a few programs per SM.
 NUM_SMS = 132
@@ -83,8 +83,6 @@ SELECT_MIN_WARPS = 4
 # program (4 to 16 warps).
 HEAD_GROUP = 16
 SELECT_WARP_BLOCKS = 128
-# Bits of the n-th largest score found per counting step of the selection.
-RADIX_BITS = 4
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
 # Key splits of dense_decode per query tile, at most: its merge loads them all at once, unrolled (64 at one warp
@@ -253,7 +251,7 @@ def merge_partials(m, l, m_s, l_s):
 def select_kernel(
     m_in, l_in, rec, spill_in, mt, cache_seqlens, cand, HKV, C, NSPLIT, NB_CAP, NT_CAP,
     G: tl.constexpr, G_PAD: tl.constexpr, SPLIT_T: tl.constexpr, SJ: tl.constexpr, TB: tl.constexpr,
-    KP: tl.constexpr, HEAD_GROUP: tl.constexpr, RADIX_BITS: tl.constexpr, NUM_SELECTED: tl.constexpr,
+    KP: tl.constexpr, TOPK: tl.constexpr, HEAD_GROUP: tl.constexpr, NUM_SELECTED: tl.constexpr,
     NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
 ):
@@ -306,32 +304,16 @@ def select_kernel(
                 score += tl.where(j2 == first[:, None], (part * tl.exp2(m_t - lse_h))[:, None], 0.0)
     score = tl.reshape(score, [SJ])
     j = sc * SJ + tl.arange(0, SJ)
-    bits = selection_bits(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
-
-    # SPEC 4's top n of the share: `lo` ends as the largest value with at least n blocks' bits >= it (the n-th
-    # largest bits), or 0 where fewer blocks are candidates. Its 31 bits are found RADIX_BITS at a time from the
-    # top: a histogram of the next digit of the blocks in [lo, lo + 2^RADIX_BITS << shift), summed from the top
-    # and plus the blocks above that range, counts the blocks at or above each value the digit can take.
-    D: tl.constexpr = 1 << RADIX_BITS
-    PASSES: tl.constexpr = (31 + RADIX_BITS - 1) // RADIX_BITS
-    lo = tl.zeros([], tl.int32)
-    for p in tl.static_range(PASSES):
-        shift = RADIX_BITS * (PASSES - 1 - p)
-        dig = (bits - lo) >> shift
-        inside = (bits >= lo) & (dig < D)
-        beyond = tl.sum(((bits >= lo) & (dig >= D)).to(tl.int32), 0)
-        count = beyond + tl.cumsum(tl.histogram(dig, D, mask=inside), 0, reverse=True)
-        best = tl.max(tl.where(count >= NUM_SELECTED, tl.arange(0, D), 0), 0)
-        lo += best << shift
-    above = bits > lo
-    ties = bits == lo
-    need = NUM_SELECTED - tl.sum(above.to(tl.int32), 0)
-    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
-    # The share's candidates as selection keys (bits high, 2^31 - 1 - j low: SPEC 4's order as one int64), then -1;
-    # the global top n is among the shares' top n, which slc_split ranks.
+    # SPEC 4's top n of the share by Triton's bitonic top-k on the int64 selection keys (distinct: ties go to
+    # the smaller block), written in ascending block order (a key's place: the chosen keys of smaller blocks,
+    # whose low words are larger), then -1; the global top n is among the shares' top n, which slc_split ranks.
+    key = selection_keys(score, j, jt, (j * SLC_BLOCK <= t) & (j < NB_CAP), NUM_INIT, NUM_LOCAL)
+    top = tl.topk(key, TOPK)
+    chosen = (top >= 0) & (tl.arange(0, TOPK) < NUM_SELECTED)
+    low = top & 0x7FFFFFFF
+    place = tl.sum((chosen[None, :] & (low[None, :] > low[:, None])).to(tl.int32), 1)
     out = cand + (((b * C + qi).to(tl.int64) * HKV + kvh) * tl.num_programs(2) + sc) * NUM_SELECTED
-    key = (bits.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)
-    tl.store(out + tl.cumsum(chosen.to(tl.int32), 0) - 1, key, mask=chosen)
+    tl.store(out + place, top, mask=chosen)
     slot = tl.arange(0, KP)
     tl.store(out + slot, -1, mask=(slot >= tl.sum(chosen.to(tl.int32), 0)) & (slot < NUM_SELECTED))
 
@@ -690,10 +672,11 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     # on request: otherwise slc_split gets cand in idx's place and never stores there).
     cand = torch.empty(B, C, HKV, plan.nsel * n, dtype=torch.int64, device=dev)
     idx = torch.empty(B, C, HKV, n, dtype=torch.int32, device=dev) if return_indices else cand
+    kp = triton.next_power_of_2(n)
     select_kernel[(B * HKV, C, plan.nsel)](
         cmp_m, cmp_l, rec, spill, mt, cache_seqlens, cand, HKV, C, plan.nsplit, nb_cap, nt_cap, G=G, G_PAD=G_PAD,
-        SPLIT_T=SPLIT_T, SJ=plan.sj, TB=plan.tb, KP=triton.next_power_of_2(n), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
-        RADIX_BITS=RADIX_BITS, NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
+        SPLIT_T=SPLIT_T, SJ=plan.sj, TB=plan.tb, KP=kp, TOPK=min(kp, plan.sj), HEAD_GROUP=min(HEAD_GROUP, G_PAD),
+        NUM_SELECTED=n, NUM_INIT=cfg.num_init, NUM_LOCAL=cfg.num_local,
         CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
         num_warps=max(SELECT_MIN_WARPS, min(16, plan.sj // SELECT_WARP_BLOCKS)),
     )

@@ -149,16 +149,22 @@ def test_small_tiles_and_many_splits(case, monkeypatch):
     """Tiles of 16 token slots (several per compressed chunk, so spills cross tiles inside a chunk and between
     chunks), chunks planned for 9 SMs (20 blocks, not a power of two, in the first case), two selected blocks per
     program, window programs of 16 keys (two or more to a band), partial softmaxes merged two splits at a time, and
-    the selection's radix search 3 bits at a time (its first digit 1 bit wide) over shares of one tile (many
-    candidates to rank)."""
+    the selection over shares of one tile (many candidates to rank)."""
     monkeypatch.setattr(decode, "NUM_SMS", 9)
-    monkeypatch.setattr(decode, "RADIX_BITS", 3)
     monkeypatch.setattr(decode, "SELECT_SHARE_BLOCKS", 1)
     monkeypatch.setattr(decode, "BLOCK_N", 16)
     monkeypatch.setattr(decode, "BLOCK_S", 16)
     monkeypatch.setattr(decode, "WIN_KEYS", 16)
     monkeypatch.setattr(decode, "SPLIT_T", 2)
     assert_decode_equals_reference(case, torch.float32)
+
+
+def test_shares_smaller_than_n(monkeypatch):
+    """Select shares of 2 blocks (tiles of 8 token slots), fewer than the n = 4 blocks to select: each share passes
+    all its candidates on, and slc_split ranks them."""
+    monkeypatch.setattr(decode, "SELECT_SHARE_BLOCKS", 1)
+    monkeypatch.setattr(decode, "BLOCK_N", 8)
+    assert_decode_equals_reference(CASES[0], torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["ring", "paged_ring"])
