@@ -11,7 +11,7 @@ host synchronisation and can be captured in a CUDA graph:
    tile also leaves a record: its blocks' scores sum_i exp2(s_hi - m_h) ov(i, j) / d folded on the CUDA cores
    (topk.fold_blocks), what its last block spills into the next tile, and the running max m_h they are
    relative to.
-   win_split: the sliding window, which needs no selection; each program takes WIN_KEYS of its query tile's band
+   win_split: the sliding window, which needs no selection; each program takes plan.win_keys of its query tile's band
    and leaves a partial softmax. On a GPU it runs on a side stream, beside the compressed stream and the selection.
 2. select: one program per (sequence, KV group, query) and share of at most SELECT_SHARE_BLOCKS blocks: each
    head's global lse from the chunks' (m, l), then S[j] = sum_h record[h, j] * exp2(m_h - lse_h) plus the
@@ -49,8 +49,11 @@ NUM_SMS = 132
 # Compressed token slots per tile of the compressed stream; keys per tile of the selected and window branches.
 BLOCK_N = 64
 BLOCK_S = 64
-# Window keys per window program (a multiple of BLOCK_S); on the H200 at B16, 128 against 64: 0.1418 ms against 0.1591
-# at 128k (the window's programs crowd the compressed stream's), 0.0516 against 0.0509 at 8k.
+# Window keys per window program (a multiple of BLOCK_S), half as many where the compressed chunks are short. A
+# program of 128 keys loads both its tiles at once (238 registers at DK 192 against 96 for 64 keys), so it cannot sit
+# beside two compressed programs and runs after them, beside select; one of 64 keys runs beside them. On the H200 at
+# B16, 64 against 128: 0.0478 ms against 0.0500 at 8k (short chunks), 0.1014 against 0.0923 at 64k and 0.1413
+# against 0.1355 at 128k (the window's reads then slow the compressed stream more than they slow select after it).
 WIN_KEYS = 128
 # Compressed chunks of at most SHORT_CHUNK tiles stream in 2 pipeline stages instead of 3 (less shared memory: 3
 # programs per SM instead of 2); on the H200 at B16 that took the 8k step from 0.0663 ms to 0.0617, and made 64k and
@@ -539,6 +542,7 @@ class SplitPlan(NamedTuple):
     nsplit: int  # compressed chunks
     bps: int  # selected blocks per program of slc_split
     stages: int  # pipeline stages of the compressed stream
+    win_keys: int  # window keys per window program
     sj: int  # selection blocks per select program (its share, whose top n it passes on)
     nsel: int  # select programs per query and KV group
 
@@ -554,8 +558,9 @@ def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> Spli
     bps = 1 if batch_heads * cfg.num_selected < 2 * NUM_SMS else 2
     nsplit = -(-slc_capacity // jc)
     sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
-    stages = 2 if jc // tb <= SHORT_CHUNK else CMP_STAGES
-    return SplitPlan(r_pad, tb, jc, nsplit, bps, stages, sj, -(-nsplit * jc // sj))
+    short = jc // tb <= SHORT_CHUNK
+    stages, win_keys = (2, max(BLOCK_S, WIN_KEYS // 2)) if short else (CMP_STAGES, WIN_KEYS)
+    return SplitPlan(r_pad, tb, jc, nsplit, bps, stages, win_keys, sj, -(-nsplit * jc // sj))
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -632,7 +637,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     qk_scale = scale * LOG2E
     # The selected and window branches' partial softmaxes: nslc programs of selected blocks, then the window's.
     nslc = -(-n // plan.bps)
-    nwin = -(-(cfg.window + QT - 1) // WIN_KEYS)
+    nwin = -(-(cfg.window + QT - 1) // plan.win_keys)
     nsw = nslc + nwin
     sw_m = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
     sw_l = torch.empty(B * HKV, C, nsw, G_PAD, **f32)
@@ -651,7 +656,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         win_split_kernel[(B * HKV, triton.cdiv(C, QT), nwin)](
             q, k_win, v_win, win_table, cache_seqlens, sw_m, sw_l, sw_acc, qk_scale, HKV, C, win_max_pages, nsw,
             nslc, G=G, G_PAD=G_PAD, QT=QT, DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
-            WINDOW=cfg.window, WT=WIN_KEYS, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision,
+            WINDOW=cfg.window, WT=plan.win_keys, BLOCK_S=BLOCK_S, WIN_PAGE=win_page, PRECISION=precision,
             num_warps=WIN_WARPS,
         )
 
