@@ -274,6 +274,31 @@ def test_dense_decode_equals_causal_attention(lengths, C, HQ, HKV, capacity, pag
     assert_within_rule("o", o, low, oracle, 2)
 
 
+def test_refuses_bad_dtypes_and_devices():
+    """Mixed dtypes, a dtype the kernels do not compute in and a tensor on another device are refused by name before
+    any kernel runs."""
+    full, past, q, gates = make_cache([40], 1, 2, 1, 16, 16, SMALL, 64, torch.float32)
+    args = dict(q=q, gates=gates, k=full["k"], v=full["v"], k_cmp=full["k_cmp"], v_cmp=full["v_cmp"])
+    args = {name: x.float() for name, x in args.items()}
+
+    def decode(**change):
+        a = {**args, "cache_seqlens": past.int(), **change}
+        return nsa_decode(a["q"], a["gates"], a["k"], a["v"], a["k_cmp"], a["v_cmp"], a["cache_seqlens"], SMALL)
+
+    with pytest.raises(TypeError, match="k_cmp must have q's dtype torch.float32, got torch.float16"):
+        decode(k_cmp=args["k_cmp"].half())
+    with pytest.raises(TypeError, match="q must be float16, bfloat16 or float32"):
+        decode(**{name: x.double() for name, x in args.items()})
+    with pytest.raises(TypeError, match="gates must be a floating tensor"):
+        decode(gates=args["gates"].int())
+    with pytest.raises(ValueError, match="v must be on q's device"):
+        decode(v=args["v"].to("meta"))
+    with pytest.raises(ValueError, match="cache_seqlens must be on q's device"):
+        decode(cache_seqlens=past.int().to("meta"))
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        dense_decode(args["q"], args["k"], args["v"].half(), past.int())
+
+
 def test_dense_decode_refuses_bad_inputs():
     q, k, lengths = torch.zeros(1, 1, 4, 16), torch.zeros(1, 32, 2, 16), torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
