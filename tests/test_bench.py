@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from nsa.bench import main
-from nsa.bench.configs import FULL_CONFIGS, PHASES, dense_flops, make_plan, nsa_flops
+from nsa.bench import impls, main
+from nsa.bench.configs import FULL_CONFIGS, PHASES, TINY_CONFIGS, dense_flops, make_plan, nsa_flops
 from nsa.bench.suite import Runner, spent
 
 
@@ -48,6 +49,29 @@ def test_tiny_pass_writes_json_and_plots(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "speedup over" in table and "sdpa_math" in table
+
+
+def test_decode_layers(tmp_path, capsys):
+    """--decode-layers L: each call runs L decode steps on L sets of inputs (the last step's output is the one-step
+    call's on the last set), and a row's time is per step; L = 1 leaves the methodology as before."""
+    cfg = next(c for c in TINY_CONFIGS if c.name == "paper")
+    cpu = torch.device("cpu")
+    for build in (impls.build_nsa_decode, impls.build_sdpa_decode):
+        one, two = build(cfg, 2, 128, cpu, torch.float32), build(cfg, 2, 128, cpu, torch.float32, layers=2)
+        width = len(one.inputs[0])
+        assert (one.layers, two.layers, len(two.inputs[0])) == (1, 2, 2 * width)
+        first, last = two.inputs[0][:width], two.inputs[0][width:]
+        assert not torch.equal(first[0], last[0])
+        torch.testing.assert_close(two.fn(*two.inputs[0]), one.fn(*last))
+        assert "2 layers' steps per call" in two.note and "layers'" not in one.note
+
+    report = main(["--tiny", "--phases", "decode", "--decode-layers", "2", "--out", str(tmp_path)])
+    rows = [r for r in report["rows"] if r["phase"] == "decode"]
+    assert rows and all(r["status"] == "ok" and r["layers"] == 2 and r["ms"] > 0 for r in rows)
+    assert "2 layers' steps on their own caches per graph" in report["methodology"]["timing"]
+    assert "layers'" not in main(["--tiny", "--phases", "decode"])["methodology"]["timing"]
+    with pytest.raises(SystemExit, match="at least 1"):
+        main(["--tiny", "--phases", "decode", "--decode-layers", "0"])
 
 
 @pytest.mark.parametrize("mode", ["full", "quick"])

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", type=_names, help="comma-separated subset of: paper, d128, g4, fla")
     parser.add_argument("--seqlens", type=_lengths, help="comma-separated lengths (and decode and generate contexts), e.g. 8k,32k")
     parser.add_argument("--phases", type=_names, help="comma-separated subset of: fwd, bwd, fwdbwd, layer, decode, generate")
+    parser.add_argument("--decode-layers", type=int, metavar="L",
+                        help="time decode steps as L layers of one CUDA graph, each on its own cache (default 1; "
+                             "the inputs take L times the memory, cut to what half the free memory holds)")
     parser.add_argument("--budget", type=float, metavar="S",
                         help="seconds after which rows not yet started are skipped (default 480 full, 100 quick)")
     parser.add_argument("--resume", metavar="FILE",

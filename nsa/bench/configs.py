@@ -101,6 +101,9 @@ class Plan:
     decode_configs: tuple[str, ...] = ("paper", "d128")
     decode_batches: tuple[int, ...] = (1, 16, 64)
     decode_contexts: tuple[int, ...] = (8 * 1024, 32 * 1024, 128 * 1024)
+    # Decode steps per CUDA graph, each on its own cache, as the layers of a model's step run (the graph's launch is
+    # then paid once for all of them); a row's time is per step.
+    decode_layers: int = 1
     # generate(): greedy decoding of generate_tokens tokens after a prompt of each context, for NSAForCausalLM and
     # its dense twin built from NSAConfig.nsa_1b() with these (name, value) overrides and each configuration's
     # sparsity knobs.

@@ -31,7 +31,8 @@ class Built:
     """fn(*inputs[i]) for each rotated copy i of the inputs; flops (forward, backward) of one call, or None;
     bytes_fwd: the forward's traffic where the tensor sizes overstate it (decode), else None; params: the
     parameters whose gradients a backward computes besides the inputs' (a layer's weights); timer: a side that
-    times itself (generate) returns its row's figures from timer() instead of being timed call by call."""
+    times itself (generate) returns its row's figures from timer() instead of being timed call by call; layers:
+    the steps one call runs (decode steps as the layers of one CUDA graph), over which a row divides its time."""
 
     fn: Callable[..., torch.Tensor]
     inputs: list[tuple]
@@ -40,6 +41,7 @@ class Built:
     bytes_fwd: int | None = None
     params: list = field(default_factory=list)
     timer: Callable[[], dict] | None = None
+    layers: int = 1
 
 
 def tensor_bytes(tensors) -> int:
@@ -54,6 +56,35 @@ def rotated(make: Callable[[], tuple]) -> list[tuple]:
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in first)
     copies = 1 if size >= 3 * L2_BYTES or not on_gpu else min(4, math.ceil(3 * L2_BYTES / max(size, 1)))
     return [first] + [make() for _ in range(copies - 1)]
+
+
+def layered(make: Callable[[], tuple], layers: int, device) -> tuple[Callable[[], tuple], int, int]:
+    """(make_layers, n, width) for n = `layers` decode steps per call, as a model's layers run in one step:
+    make_layers() draws n sets of make()'s `width` inputs (one per layer, so that no step finds another's cache in
+    L2) as one flat tuple, which each_layer(fn, width) steps through. On a GPU n is cut to what half the free memory
+    holds (at least 1)."""
+    first = make()
+    n = layers
+    if layers > 1 and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        n = max(1, min(layers, free // 2 // max(tensor_bytes(first), 1)))
+    pending = [first]
+
+    def make_layers():
+        sets = [pending.pop() if pending else make() for _ in range(n)]
+        return tuple(x for one in sets for x in one)
+
+    return make_layers, n, len(first)
+
+
+def each_layer(fn: Callable, width: int) -> Callable:
+    """fn on each layer's `width` inputs of a flat tuple in turn; returns the last output."""
+    def steps(*flat):
+        for i in range(0, len(flat), width):
+            out = fn(*flat[i:i + width])
+        return out
+
+    return steps
 
 
 def _leaf(shape, device, dtype, grad=True, fill=torch.randn):
@@ -295,9 +326,10 @@ def cuda_graphed(fn: Callable, inputs: list[tuple]) -> tuple[Callable, str]:
     return replay, "CUDA graph replay"
 
 
-def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
+def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype, layers: int = 1) -> Built:
     """One new token per sequence against a cache of `context` tokens (the last of them the new one): the
-    fused decode kernels on a GPU (replayed from a CUDA graph), the reference's sampled-row path on a CPU."""
+    fused decode kernels on a GPU (replayed from a CUDA graph), the reference's sampled-row path on a CPU; with
+    layers > 1, that many steps on their own caches per call (layered)."""
     from nsa.ops.decode import nsa_decode
 
     s = cfg.sparsity
@@ -334,23 +366,33 @@ def build_nsa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) 
     keys = tc + min(s.num_selected * s.slc_block, context) + w
     traffic = batch * cfg.hkv * keys * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
     flops = batch * cfg.hq * (2 * keys * (cfg.dk + cfg.dv) + 2 * tc * cfg.dk)
-    inputs = rotated(make)
-    fn, how = cuda_graphed(fn, inputs)
-    return Built(fn, inputs, (flops, 0), f"{note}, {how}".rstrip(", "), bytes_fwd=traffic)
+    make, n, width = layered(make, layers, device)
+    return _decode_built(each_layer(fn, width), rotated(make), n, (flops, 0), note, traffic)
 
 
-def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype) -> Built:
+def build_sdpa_decode(cfg: BenchConfig, batch: int, context: int, device, dtype, layers: int = 1) -> Built:
+    """SDPA's dense decode step over the same context (q, K, V and o are its traffic); layers as build_nsa_decode."""
     def make():
         return (_leaf((batch, cfg.hq, 1, cfg.dk), device, dtype, False),
                 _leaf((batch, cfg.hkv, context, cfg.dk), device, dtype, False),
                 _leaf((batch, cfg.hkv, context, cfg.dv), device, dtype, False))
 
+    make, n, width = layered(make, layers, device)
     inputs = rotated(make)
     # The new token is the last position: it sees the whole cache, so no causal mask; SDPA picks its backend.
-    fn, note = sdpa_fn(list(_all_sdpa_backends()), inputs[0], causal=False)
-    fn, how = cuda_graphed(fn, inputs)
+    fn, note = sdpa_fn(list(_all_sdpa_backends()), inputs[0][:width], causal=False)
     flops = 2 * batch * cfg.hq * context * (cfg.dk + cfg.dv)
-    return Built(fn, inputs, (flops, 0), ", ".join(x for x in (f"SDPA, backend of torch's choice {note}".strip(), how) if x))
+    traffic = batch * (cfg.hq + cfg.hkv * context) * (cfg.dk + cfg.dv) * torch.finfo(dtype).bits // 8
+    return _decode_built(each_layer(fn, width), inputs, n, (flops, 0),
+                         f"SDPA, backend of torch's choice {note}".strip(), traffic)
+
+
+def _decode_built(fn, inputs: list[tuple], n: int, flops, note: str, traffic: int) -> Built:
+    """A decode side whose calls run n layers' steps each, replayed from a CUDA graph per input copy on a GPU;
+    flops and traffic are one step's."""
+    fn, how = cuda_graphed(fn, inputs)
+    per_call = f"{n} layers' steps per call, time per step" if n > 1 else ""
+    return Built(fn, inputs, flops, ", ".join(x for x in (note, how, per_call) if x), bytes_fwd=traffic, layers=n)
 
 
 def _all_sdpa_backends():

@@ -102,13 +102,15 @@ def time_phase(built: impls.Built, phase: str, s: Settings) -> dict:
 
     grad_context = torch.no_grad() if phase == "decode" else torch.enable_grad()
     with grad_context:
-        ms = bench_ms(step, s.device, s.warmup, s.rep)
+        ms = bench_ms(step, s.device, s.warmup, s.rep) / built.layers
     flops = _phase_flops(built.flops, phase)
     if phase in ("fwd", "decode"):
         traffic = built.bytes_fwd or in_bytes + out_bytes
     else:
         traffic = (2 if phase == "bwd" else 3) * (in_bytes + out_bytes)
     row = {"ms": ms, "flops": flops, "bytes": traffic, "copies": len(calls)}
+    if built.layers > 1:
+        row["layers"] = built.layers
     row["TFLOPs"] = flops / ms / 1e9 if flops else None
     row["GBps"] = traffic / ms / 1e6 if traffic else None
     return row
@@ -209,7 +211,9 @@ class Runner:
                            "the forward outside the timed region. fwdbwd: forward + backward. layer: forward + "
                            "backward of the whole attention layer (projections, compression, gates) including "
                            "parameter gradients. decode: one new token per sequence against a filled cache, no grad, both sides "
-                           "replayed from a CUDA graph on a GPU (as a serving engine runs a step; no host launch cost). "
+                           "replayed from a CUDA graph on a GPU (as a serving engine runs a step; no host launch cost)"
+                           + (f", {plan.decode_layers} layers' steps on their own caches per graph (fewer where memory "
+                              "is short: the row's 'layers'), time per step" if plan.decode_layers > 1 else "") + ". "
                            "generate: the model's greedy generate() after a prompt, per new token (Built.timer: "
                            "perf_counter around whole calls, prompt time subtracted)."),
                 "nsa_includes": ("everything nsa_attention does: compressed branch, block scores, top-n, selected "
@@ -417,8 +421,9 @@ class Runner:
         # A decode or generate case holds one new token per sequence: its size is its context.
         per_token = []
         if "decode" in plan.phases:
-            decode = partial(self.pair_case, "decode", (("nsa_decode", impls.build_nsa_decode),
-                                                        ("sdpa_decode", impls.build_sdpa_decode)))
+            layers = dict(layers=plan.decode_layers)
+            decode = partial(self.pair_case, "decode", (("nsa_decode", partial(impls.build_nsa_decode, **layers)),
+                                                        ("sdpa_decode", partial(impls.build_sdpa_decode, **layers))))
             per_token += [(decode, cfg, b, t, 2) for cfg, b, t in plan.decode_cases()]
         if "generate" in plan.phases:
             generate = partial(self.pair_case, "generate", tuple(
@@ -571,7 +576,7 @@ def settings(device: torch.device, args) -> Settings:
 
 
 def select_plan(plan: Plan, args) -> Plan:
-    """The plan narrowed by --configs, --seqlens and --phases."""
+    """The plan narrowed by --configs, --seqlens and --phases, with --decode-layers."""
     changes = {}
     if args.configs:
         names = set(args.configs)
@@ -586,6 +591,10 @@ def select_plan(plan: Plan, args) -> Plan:
         changes["layer_seqlens"] = None
     if args.phases:
         changes["phases"] = tuple(args.phases)
+    if args.decode_layers is not None:
+        if args.decode_layers < 1:
+            raise SystemExit(f"--decode-layers must be at least 1, got {args.decode_layers}")
+        changes["decode_layers"] = args.decode_layers
     return dataclasses.replace(plan, **changes)
 
 
