@@ -17,10 +17,9 @@ import time
 
 import torch
 
-import nsa
-from nsa.bench.impls import TokenClock
-from nsa.models import NSAConfig, NSAForCausalLM
-from nsa.models.modeling_nsa import CACHE_FIELD, DecodeGraph
+from nsa.bench.configs import FULL_CONFIGS
+from nsa.bench.impls import TokenClock, build_generate
+from nsa.models.modeling_nsa import DecodeGraph
 
 
 def timed_replays(log: list):
@@ -40,17 +39,11 @@ def timed_replays(log: list):
 
 
 def probe(attn_impl: str, context: int, batch: int, tokens: int, runs: int = 2) -> list[dict]:
-    config = NSAConfig.nsa_1b(attn_impl=attn_impl, max_position_embeddings=context + 4 * tokens)
-    torch.manual_seed(0)
-    model = NSAForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
-    prompt = torch.randint(1, config.vocab_size, (batch, context), device="cuda")
-    settle = 3 + config.sparsity.cmp_stride  # the prompt's token and the steps that capture each kind
-
-    def generate(n: int, streamer=None):
-        cache = {CACHE_FIELD: nsa.NSACache(capacity=context + n, cuda_graph=True)}
-        with torch.no_grad():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, streamer=streamer, **cache)
+    """The bench's generate() (nsa.bench.impls.build_generate: the 1B preset, random weights, an NSACache with
+    cuda_graph) with each replay timed."""
+    cfg = {c.name: c for c in FULL_CONFIGS}["paper"]
+    generate = build_generate(cfg, batch, context, torch.device("cuda"), torch.bfloat16, attn_impl, tokens).fn
+    settle = 3 + cfg.sparsity.cmp_stride  # the prompt's token and the steps that capture each kind
 
     log = []
     original = DecodeGraph.replay
