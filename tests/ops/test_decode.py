@@ -159,6 +159,20 @@ def test_small_tiles_and_many_splits(case, monkeypatch):
     assert_decode_equals_reference(case, torch.float32)
 
 
+def test_window_programs_of_several_tiles(monkeypatch):
+    """Window programs of 16-key tiles, two to a program where the compressed chunks are short (half of WIN_KEYS)
+    and four where they are long (chunks planned for one SM)."""
+    monkeypatch.setattr(decode, "BLOCK_S", 16)
+    monkeypatch.setattr(decode, "WIN_KEYS", 64)
+    plans = []
+    plan = decode.split_plan
+    monkeypatch.setattr(decode, "split_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    assert_decode_equals_reference(CASES[0], torch.float32)
+    monkeypatch.setattr(decode, "NUM_SMS", 1)
+    assert_decode_equals_reference(CASES[0], torch.float32)
+    assert [(p.stages, p.win_keys) for p in plans] == [(2, 32), (decode.CMP_STAGES, 64)]
+
+
 def test_shares_smaller_than_n(monkeypatch):
     """Select shares of 2 blocks (tiles of 8 token slots), fewer than the n = 4 blocks to select: each share passes
     all its candidates on, and slc_split ranks them."""
