@@ -49,15 +49,27 @@ def check_cu_seqlens(cu_seqlens, batch: int, seqlen: int, device) -> None:
         raise ValueError(f"cu_seqlens must end at T={seqlen}, got {values[-1]}")
 
 
+def check_device(q, /, **tensors) -> None:
+    """Each tensor given (None skipped) sits on q's device; ValueError naming the first that does not."""
+    for name, x in tensors.items():
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+
+def check_alike(q, /, **tensors) -> None:
+    """Each tensor given (None skipped) has q's dtype (TypeError) and sits on q's device (ValueError)."""
+    for name, x in tensors.items():
+        if x is not None and x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    check_device(q, **tensors)
+
+
 def validate(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, scale, cu_seqlens):
     """Raise TypeError/ValueError naming the argument and the broken rule; return the softmax scale."""
     for name, x in (("q", q), ("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("gates", gates),
                     ("k_win", k_win), ("v_win", v_win)):
         _check_tensor(name, x, 4)
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+        check_alike(q, **{name: x})
     B, T, HQ, DK = q.shape
     if T < 1:
         raise ValueError(f"q must hold at least one token, got T={T}")

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
+from ..functional import check_alike, check_device
 from .common import (LOG2E, dot_precision, dot_split, load_split, load_split_rows, online_softmax, padded_dim,
                      softmax_step_split, split_dim)
 from .topk import fold_blocks, selection_keys
@@ -502,21 +503,6 @@ def _pages(name, table, pool_names, k, v, batch):
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_device(q, **tensors):
-    """Each tensor given (None skipped) sits on q's device."""
-    for name, x in tensors.items():
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
-
-
-def _check_alike(q, **tensors):
-    """Each tensor given (None skipped) has q's dtype and sits on q's device."""
-    for name, x in tensors.items():
-        if x is not None and x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-    _check_device(q, **tensors)
-
-
 def _check_step(q, k, v, cache_seqlens, block_table):
     """The checks nsa_decode and dense_decode share (q, the pools k, v and their table, cache_seqlens); returns
     (table, max_pages, page) as _pages does."""
@@ -524,8 +510,8 @@ def _check_step(q, k, v, cache_seqlens, block_table):
         raise TypeError(f"q must be float16, bfloat16 or float32 for the decode kernels, got {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, C, HQ, DK], got shape {tuple(q.shape)}")
-    _check_alike(q, k=k, v=v)
-    _check_device(q, cache_seqlens=cache_seqlens, block_table=block_table)
+    check_alike(q, k=k, v=v)
+    check_device(q, cache_seqlens=cache_seqlens, block_table=block_table)
     B, _, HQ, DK = q.shape
     table, max_pages, page = _pages("block_table", block_table, "k, v", k, v, B)
     HKV = k.shape[2]
@@ -616,8 +602,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     _check("gates", gates, (B, C, HQ, 3), "[B, C, HQ, 3]")
     if not gates.is_floating_point():
         raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
-    _check_alike(q, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win)
-    _check_device(q, gates=gates, win_block_table=win_block_table)
+    check_alike(q, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win)
+    check_device(q, gates=gates, win_block_table=win_block_table)
     if k_cmp.dim() != 4 or k_cmp.shape[0] != B or k_cmp.shape[2:] != (HKV, DK) or v_cmp.shape != (*k_cmp.shape[:3], DV):
         raise ValueError(f"k_cmp, v_cmp must be [B, Tc_cap, HKV, DK/DV] = [{B}, Tc_cap, {HKV}, {DK}/{DV}], got "
                          f"{tuple(k_cmp.shape)}, {tuple(v_cmp.shape)}")
