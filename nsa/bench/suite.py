@@ -109,7 +109,7 @@ def time_phase(built: impls.Built, phase: str, s: Settings) -> dict:
     else:
         traffic = (2 if phase == "bwd" else 3) * (in_bytes + out_bytes)
     row = {"ms": ms, "flops": flops, "bytes": traffic, "copies": len(calls)}
-    if built.layers > 1:
+    if phase == "decode":
         row["layers"] = built.layers
     row["TFLOPs"] = flops / ms / 1e9 if flops else None
     row["GBps"] = traffic / ms / 1e6 if traffic else None
