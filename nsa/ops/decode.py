@@ -80,6 +80,14 @@ SPLIT_T = 16
 CMP_WARPS = 4
 WIN_WARPS = 4
 SLC_WARPS = 4
+# Pipeline stages of slc_split's loop over its blocks, and its programs per SM (each takes as many of the pairs'
+# selected blocks as fill that one wave). On the H200 at B16 8k / 64k / 128k, 3 stages and 2 per SM (4 blocks a
+# program, 88 KB of shared memory): 0.0474 / 0.0915 / 0.1347 ms; 2 stages and 3 per SM 0.0479 / 0.0922 / 0.1344; 2
+# and 2 0.0488 / 0.0928 / 0.1353; 2 and 4 0.0495 / 0.0933 / 0.1364; two blocks a program unrolled, the second's
+# loads behind a branch on the first's, 0.0484 / 0.0929 / 0.1353. slc_split itself takes 15-16 us for its 42 MB
+# in every case.
+SLC_STAGES = 3
+SLC_PROGRAMS_PER_SM = 2
 COMBINE_WARPS = 1
 SELECT_MIN_WARPS = 4
 # Heads whose block-score records a select program loads together (all 16 against 4: on the H200 at B16 the step
@@ -356,9 +364,10 @@ def slc_split_kernel(
         blk = tl.where(chosen, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
 
     m_i, l_i, acc = empty_partial(ROWS, BLOCK_DV)
-    # SPEC 5: the keys s <= t of this program's share of the selected blocks.
-    for n_slot in tl.static_range(BPS):
-        r = sp * BPS + n_slot
+    # SPEC 5: the keys s <= t of this program's share of the selected blocks. A loop, not unrolled, whose loads
+    # are masked rather than branched around (a rank no block fills loads nothing), so that the pipeliner copies
+    # the next block's keys into shared memory while this one's are multiplied.
+    for r in range(sp * BPS, sp * BPS + BPS):
         if NUM_CAND > NUM_SELECTED:
             j = tl.max(tl.where(rank == r, blk, -1), 0)
             if WRITE_IDX:
@@ -370,14 +379,13 @@ def slc_split_kernel(
             j = tl.where(key >= 0, 0x7FFFFFFF - (key & 0x7FFFFFFF), -1).to(tl.int32)
             if WRITE_IDX:
                 tl.store(idx + row * NUM_SELECTED + r, j, mask=r < NUM_SELECTED)
-        if j >= 0:
-            for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
-                s = j * SLC_BLOCK + s0 + ks
-                ok = (s0 + ks < SLC_BLOCK) & (s <= t)
-                ka, kb, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, BLOCK_DK,
-                                     BLOCK_DK2, dv)
-                acc, m_i, l_i = key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, head_ok[:, None] & ok[None, :], qk_scale,
-                                         BLOCK_DK2, PRECISION)
+        for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_S):
+            s = j * SLC_BLOCK + s0 + ks
+            ok = (j >= 0) & (s0 + ks < SLC_BLOCK) & (s <= t)
+            ka, kb, vt = kv_tile(k, v, block_table, b, kvh, s, ok, HKV, MAX_PAGES, PAGE, DK, DV, BLOCK_DK,
+                                 BLOCK_DK2, dv)
+            acc, m_i, l_i = key_step(acc, m_i, l_i, qa, qb, ka, kb, vt, head_ok[:, None] & ok[None, :], qk_scale,
+                                     BLOCK_DK2, PRECISION)
 
     store_partial(m_out, l_out, acc_out, ((bh.to(tl.int64) * C + qi) * NSW + sp) * G_PAD + g, m_i, l_i, acc,
                   g < G_PAD, DV)
@@ -557,14 +565,14 @@ class SplitPlan(NamedTuple):
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
-    """CMP_PROGRAMS_PER_SM compressed chunks per SM in one wave (each a multiple of a tile's blocks), and about two
-    selected-block programs per SM."""
+    """CMP_PROGRAMS_PER_SM compressed chunks per SM in one wave (each a multiple of a tile's blocks), and
+    SLC_PROGRAMS_PER_SM selected-block programs per SM in one wave."""
     r_pad = triton.next_power_of_2(cfg.slc_block // cfg.cmp_stride)
     tb = max(1, BLOCK_N // r_pad)
     per_pair = max(1, CMP_PROGRAMS_PER_SM * NUM_SMS // batch_heads)
     jc = tb * -(-slc_capacity // (per_pair * tb))
     jc = min(max(jc, 16, tb), max(MAX_CHUNK_BLOCKS, tb))
-    bps = 1 if batch_heads * cfg.num_selected < 2 * NUM_SMS else 2
+    bps = min(cfg.num_selected, -(-batch_heads * cfg.num_selected // (SLC_PROGRAMS_PER_SM * NUM_SMS)))
     nsplit = -(-slc_capacity // jc)
     sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
     short = jc // tb <= SHORT_CHUNK
@@ -703,7 +711,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
         BLOCK_S=min(BLOCK_S, max(16, triton.next_power_of_2(cfg.slc_block))), PAGE=page, NUM_SELECTED=n,
         NUM_CAND=plan.nsel * n, CAND_PAD=triton.next_power_of_2(plan.nsel * n), SLC_BLOCK=cfg.slc_block,
-        BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS,
+        BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS, num_stages=SLC_STAGES,
     )
     if side is not None:
         main.wait_stream(side)

@@ -147,10 +147,12 @@ MANY_ROWS = (SMALL, [600, 577, 512, 449, 390, 333, 260, 129], 4, 4, 2, 16, 16, 6
                          ids=lambda c: f"{c[8]}-C{c[2]}-G{c[3] // c[4]}-B{len(c[1])}")
 def test_small_tiles_and_many_splits(case, monkeypatch):
     """Tiles of 16 token slots (several per compressed chunk, so spills cross tiles inside a chunk and between
-    chunks), chunks planned for 9 SMs (20 blocks, not a power of two, in the first case), two selected blocks per
-    program, window programs of 16 keys (two or more to a band), partial softmaxes merged two splits at a time, and
+    chunks), chunks planned for 9 SMs (20 blocks, not a power of two, in the first case), selected-block programs
+    planned for one per SM (2 to 4 blocks each; 3 of n = 4 and 2 of n = 3, whose last ranks load nothing), window
+    programs of 16 keys (two or more to a band), partial softmaxes merged two splits at a time, and
     the selection over shares of one tile (many candidates to rank)."""
     monkeypatch.setattr(decode, "NUM_SMS", 9)
+    monkeypatch.setattr(decode, "SLC_PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(decode, "SELECT_SHARE_BLOCKS", 1)
     monkeypatch.setattr(decode, "BLOCK_N", 16)
     monkeypatch.setattr(decode, "BLOCK_S", 16)
