@@ -12,6 +12,8 @@ from .config import SparsityConfig
 
 BACKENDS = ("reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes the Triton kernels compute in (the reference backend also takes float64).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_tensor(name, x, rank):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..config import SparsityConfig
+from ..functional import KERNEL_DTYPES
 from .common import interpreting, packed_layout
 from .compressed import cmp_bwd, cmp_fwd
 from .gates import gates_bwd
@@ -113,8 +114,8 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cfg: SparsityConfig, scale: float, cu_seqlens=None):
     """The Triton backend of nsa.nsa_attention (inputs validated). Returns (o, idx)."""
-    if q.dtype == torch.float64:
-        raise TypeError("the triton backend takes float16, bfloat16 or float32 inputs, got torch.float64 "
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype} "
                         "(use backend='reference' for float64)")
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"the triton backend needs CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 "

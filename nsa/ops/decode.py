@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..config import SparsityConfig
-from ..functional import check_alike, check_device
+from ..functional import KERNEL_DTYPES, check_alike, check_device
 from .common import (LOG2E, dot_precision, dot_split, load_split, load_split_rows, online_softmax, padded_dim,
                      softmax_step_split, split_dim)
 from .topk import fold_blocks, selection_keys
@@ -505,10 +505,6 @@ def _pages(name, table, pool_names, k, v, batch):
         raise ValueError(f"{pool_names} without a block table must be [B, S_cap, HKV, D] with B={batch} rows or "
                          f"more, got {tuple(k.shape)}")
     return table, 1 if table is None else table.shape[1], k.shape[1]
-
-
-# The dtypes the kernels compute in (the reference path takes float64).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_step(q, k, v, cache_seqlens, block_table):
