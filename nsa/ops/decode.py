@@ -69,9 +69,11 @@ MAX_CHUNK_BLOCKS = 512
 CMP_STAGES = 3
 CMP_PROGRAMS_PER_SM = 2
 # Selection blocks of a select program's share, at most: each share's top n go on as candidates, which slc_split
-# ranks where there are several shares. On the H200 at B16 128k (2048 blocks), 1024 against one share: select
-# 0.0114 ms against 0.0157, the step 0.1391 against 0.1424; with 512 (64 candidates to rank) slc_split took 0.022.
-SELECT_SHARE_BLOCKS = 1024
+# ranks where there are several shares. On the H200 at B16, 512 against 1024 (with 8 warps a share, below): select
+# 5.7 us against 7.4 at 64k (128 programs against 64), the step 0.0901 ms against 0.0914-0.0920; at 128k slc_split
+# ranks 64 candidates instead of 32 (+0.5 us), the step 0.1334 against 0.1352-0.1356. 256 (128 candidates) made
+# slc_split 18 us at 128k against 15.4.
+SELECT_SHARE_BLOCKS = 512
 # Splits merged per step where partial softmaxes combine.
 SPLIT_T = 16
 # Warps per program of the compressed stream, the window, the selected branch and combine (one query head: with one
@@ -91,10 +93,10 @@ SLC_PROGRAMS_PER_SM = 2
 COMBINE_WARPS = 1
 SELECT_MIN_WARPS = 4
 # Heads whose block-score records a select program loads together (all 16 against 4: on the H200 at B16 the step
-# 0.0507 against 0.0521 ms at 8k, 0.1416 against 0.1479 at 128k); blocks of the capacity per warp of a select
-# program (4 to 16 warps).
+# 0.0507 against 0.0521 ms at 8k, 0.1416 against 0.1479 at 128k); blocks of its share per warp of a select program
+# (4 to 16 warps: 8 for a share of 512).
 HEAD_GROUP = 16
-SELECT_WARP_BLOCKS = 128
+SELECT_WARP_BLOCKS = 64
 # New queries per sequence in one pass of the kernels; longer chunks go in parts.
 MAX_QUERIES = 256
 # Key splits of dense_decode per query tile, at most: its merge loads them all at once, unrolled (64 at one warp
