@@ -685,8 +685,8 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         compressed()
     else:
         # The window on a side stream, forked before the compressed launch (so that it waits on nothing of it) and
-        # joined before combine: the compressed programs, which select waits for, are dispatched first, and the
-        # window's take the SMs as they come free.
+        # joined before slc_split or combine (below): the compressed programs, which select waits for, are
+        # dispatched first, and the window's take the SMs as they come free.
         main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
         compressed()
@@ -704,6 +704,14 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         CMP_BLOCK=cfg.cmp_block, CMP_STRIDE=cfg.cmp_stride, SLC_BLOCK=cfg.slc_block,
         num_warps=max(SELECT_MIN_WARPS, min(16, plan.sj // SELECT_WARP_BLOCKS)),
     )
+    # Where the compressed chunks are long the window ends before select does, and the join goes before slc_split:
+    # a launch behind a cross-stream join starts 1.4-2.1 us after its last predecessor ends, one that waits on its
+    # own stream alone 0.1-0.5 us, and combine (3.4 us) then waits on its own stream alone. On the H200 at B16 that took
+    # the step from 0.0889-0.0891 ms to 0.0885-0.0887 at 64k and from 0.1327-0.1330 to 0.1317-0.1318 at 128k. Where
+    # the chunks are short (8k at B16, B1) the window can end after select, and the join stays before combine.
+    join_early = side is not None and plan.jc // plan.tb > SHORT_CHUNK
+    if join_early:
+        main.wait_stream(side)
     slc_split_kernel[(B * HKV, C, nslc)](
         q, k, v, table, cache_seqlens, cand, idx, sw_m, sw_l, sw_acc, qk_scale, HKV, C, max_pages, nsw, G=G,
         G_PAD=G_PAD, ROWS=max(16, G_PAD), DK=DK, DV=DV, BLOCK_DK=BLOCK_DK, BLOCK_DK2=BLOCK_DK2, BLOCK_DV=BLOCK_DV,
@@ -711,7 +719,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
         NUM_CAND=plan.nsel * n, CAND_PAD=triton.next_power_of_2(plan.nsel * n), SLC_BLOCK=cfg.slc_block,
         BPS=plan.bps, WRITE_IDX=return_indices, PRECISION=precision, num_warps=SLC_WARPS, num_stages=SLC_STAGES,
     )
-    if side is not None:
+    if side is not None and not join_early:
         main.wait_stream(side)
     o = torch.empty(B, C, HQ, DV, dtype=q.dtype, device=dev)
     combine_kernel[(B * HKV, C, G)](
