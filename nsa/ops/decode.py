@@ -560,6 +560,7 @@ class SplitPlan(NamedTuple):
     win_keys: int  # window keys per window program
     sj: int  # selection blocks per select program (its share, whose top n it passes on)
     nsel: int  # select programs per query and KV group
+    short: bool  # compressed chunks of at most SHORT_CHUNK tiles (the window may end after select)
 
 
 def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> SplitPlan:
@@ -575,7 +576,7 @@ def split_plan(batch_heads: int, slc_capacity: int, cfg: SparsityConfig) -> Spli
     sj = max(tb, min(triton.next_power_of_2(nsplit * jc), SELECT_SHARE_BLOCKS))
     short = jc // tb <= SHORT_CHUNK
     stages, win_keys = (2, max(BLOCK_S, WIN_KEYS // 2)) if short else (CMP_STAGES, WIN_KEYS)
-    return SplitPlan(r_pad, tb, jc, nsplit, bps, stages, win_keys, sj, -(-nsplit * jc // sj))
+    return SplitPlan(r_pad, tb, jc, nsplit, bps, stages, win_keys, sj, -(-nsplit * jc // sj), short)
 
 
 def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig, scale: float | None = None, *,
@@ -709,7 +710,7 @@ def nsa_decode(q, gates, k, v, k_cmp, v_cmp, cache_seqlens, cfg: SparsityConfig,
     # own stream alone 0.1-0.5 us, and combine (3.4 us) then waits on its own stream alone. On the H200 at B16 that took
     # the step from 0.0889-0.0891 ms to 0.0885-0.0887 at 64k and from 0.1327-0.1330 to 0.1317-0.1318 at 128k. Where
     # the chunks are short (8k at B16, B1) the window can end after select, and the join stays before combine.
-    join_early = side is not None and plan.jc // plan.tb > SHORT_CHUNK
+    join_early = side is not None and not plan.short
     if join_early:
         main.wait_stream(side)
     slc_split_kernel[(B * HKV, C, nslc)](
